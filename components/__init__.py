@@ -1,0 +1,1 @@
+"""TTT fine-tuning recipes for Llama-Omni: the importable components."""

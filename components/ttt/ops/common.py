@@ -1,0 +1,82 @@
+"""Pieces shared by the TTT ops: the inner LayerNorm, its fused L2 gradient, GELU's slope,
+and the checks every op applies to its arguments."""
+
+import math
+
+import torch
+from torch import Tensor
+
+from components.ttt.state import TTTState
+
+LN_EPS = 1e-6
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def ttt_layer_norm(z: Tensor, weight: Tensor, bias: Tensor, eps: float = LN_EPS) -> Tensor:
+    """LayerNorm over the last dim with per-head affine parameters.
+
+    Args:
+        z: ``[..., H, K, f]``.
+        weight, bias: ``[H, 1, f]``.
+    """
+    mu = z.mean(dim=-1, keepdim=True)
+    var = z.var(dim=-1, keepdim=True, unbiased=False)
+    return weight * ((z - mu) / torch.sqrt(var + eps)) + bias
+
+
+def ttt_layer_norm_l2_grad(z: Tensor, target: Tensor, weight: Tensor, bias: Tensor, eps: float = LN_EPS) -> Tensor:
+    """Gradient w.r.t. ``z`` of ``0.5 * ||LN(z) - target||^2``, in closed form.
+
+    Args:
+        z, target: ``[..., H, K, f]``.
+        weight, bias: ``[H, 1, f]``.
+
+    Returns:
+        ``[..., H, K, f]``.
+    """
+    f = z.shape[-1]
+    mu = z.mean(dim=-1, keepdim=True)
+    var = z.var(dim=-1, keepdim=True, unbiased=False)
+    std = torch.sqrt(var + eps)
+    z_hat = (z - mu) / std
+    grad_z_hat = (weight * z_hat + bias - target) * weight
+    # d LN / dz applied to grad_z_hat: (f * g - sum(g) - z_hat * sum(g * z_hat)) / (f * std)
+    return (
+        f * grad_z_hat
+        - grad_z_hat.sum(dim=-1, keepdim=True)
+        - z_hat * (grad_z_hat * z_hat).sum(dim=-1, keepdim=True)
+    ) / (f * std)
+
+
+def gelu_tanh_grad(x: Tensor) -> Tensor:
+    """Derivative of ``gelu(x, approximate="tanh")``."""
+    inner = _SQRT_2_OVER_PI * (x + 0.044715 * x**3)
+    tanh_inner = torch.tanh(inner)
+    d_inner = _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
+    return 0.5 * (1.0 + tanh_inner) + 0.5 * x * (1.0 - tanh_inner * tanh_inner) * d_inner
+
+
+def check_op_args(xq: Tensor, xk: Tensor, xv: Tensor, lr: Tensor, token_eta: Tensor, state: TTTState, lengths: Tensor):
+    """Raises a ValueError naming the argument whose shape or dtype does not fit the others."""
+    B, T, H, f = xq.shape
+    for name, t in (("xk", xk), ("xv", xv)):
+        if t.shape != xq.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(xq.shape)} like xq")
+    if lr.shape != (B, T, H):
+        raise ValueError(f"lr has shape {tuple(lr.shape)}, expected {(B, T, H)}")
+    if lengths.shape != (B,):
+        raise ValueError(f"lengths has shape {tuple(lengths.shape)}, expected {(B,)}")
+    if token_eta.dim() != 1:
+        raise ValueError(f"token_eta must be [K], got shape {tuple(token_eta.shape)}")
+    if state.batch_size != B or state.W1.shape[1] != H or state.W1.shape[2] != f:
+        raise ValueError(
+            f"state holds W1 of shape {tuple(state.W1.shape)}, which does not fit inputs with "
+            f"batch {B}, {H} heads of dim {f}"
+        )
+    dtype = state.W1.dtype
+    for name, t in zip(TTTState._fields, state):
+        if t is not None and name != "offset" and t.dtype != dtype:
+            raise ValueError(f"state.{name} is {t.dtype} but state.W1 is {dtype}; a state has one dtype")
+    for name, t in (("xq", xq), ("xk", xk), ("xv", xv), ("lr", lr), ("token_eta", token_eta)):
+        if t.dtype != dtype:
+            raise ValueError(f"{name} is {t.dtype} but the state is {dtype}; the inner loop runs in one dtype")

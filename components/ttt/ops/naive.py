@@ -1,0 +1,81 @@
+"""Token-by-token TTT in the primal form: the obviously-correct reference for the dual form.
+
+Each token takes the gradient of its reconstruction loss with autograd at the weights its
+mini-batch started with, adds it (scaled by its inner learning rate) to the mini-batch's
+accumulator, and reads out with the weights moved by that accumulator. Slow (a Python loop
+over tokens), any float dtype, differentiable (the inner gradient keeps its graph), so it can
+check the fast op's outputs, every gradient and the final state.
+"""
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from components.ttt.ops.common import LN_EPS, check_op_args
+from components.ttt.state import TTTState
+
+
+def _inner_model(x: Tensor, weights: tuple, ln_weight: Tensor, ln_bias: Tensor) -> Tensor:
+    """LN(f(x)) for x ``[B, H, 1, f]`` and per-stream, per-head weights (no residual)."""
+    if len(weights) == 2:
+        W1, b1 = weights
+        z = x @ W1 + b1  # [B,H,1,f] @ [B,H,f,f] -> [B,H,1,f]
+    else:
+        W1, b1, W2, b2 = weights
+        z = F.gelu(x @ W1 + b1, approximate="tanh") @ W2 + b2  # [B,H,1,4f] @ [B,H,4f,f]
+    f = z.shape[-1]
+    return F.layer_norm(z, (f,), eps=LN_EPS) * ln_weight[:, None, :] + ln_bias[:, None, :]
+
+
+def ttt_naive(
+    xq: Tensor,
+    xk: Tensor,
+    xv: Tensor,
+    lr: Tensor,
+    token_eta: Tensor,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    state: TTTState,
+    lengths: Tensor,
+) -> Tuple[Tensor, TTTState]:
+    """Runs TTT token by token. Same contract as :func:`components.ttt.ops.dual.ttt_dual`.
+
+    Args:
+        xq, xk, xv: ``[B, T, H, f]`` queries, keys, values (RoPE already applied).
+        lr: ``[B, T, H]`` inner learning rate of each token (``ttt_lr_eta``).
+        token_eta: ``[K]`` position factor of each slot of a mini-batch of K tokens.
+        ln_weight, ln_bias: ``[H, f]`` TTT-LayerNorm parameters.
+        state: the state before the first token.
+        lengths: ``[B]`` number of real tokens in each row; the rest is padding.
+
+    Returns:
+        ``(out, state)``: out ``[B, T, H, f]`` is ``xq + LN(f(xq))`` (zero at padding).
+    """
+    check_op_args(xq, xk, xv, lr, token_eta, state, lengths)
+    B, T, H, f = xq.shape
+    K = token_eta.shape[0]
+    build_graph = torch.is_grad_enabled()
+    weights, grads, offset = list(state.weights()), list(state.grads()), state.offset.clone()
+    outs = []
+    for t in range(T):
+        real = t < lengths  # [B]
+        k_t, v_t, q_t = (x[:, t].unsqueeze(2) for x in (xk, xv, xq))  # [B,H,1,f]
+        with torch.enable_grad():
+            wrt = [w if w.requires_grad else w.detach().requires_grad_() for w in weights]
+            loss = 0.5 * (_inner_model(k_t, wrt, ln_weight, ln_bias) - (v_t - k_t)).pow(2).sum()
+            token_grads = torch.autograd.grad(loss, wrt, create_graph=build_graph)
+        lr_t = lr[:, t][:, :, None, None]  # [B,H,1,1]
+        row = real[:, None, None, None]
+        grads = [torch.where(row, G + lr_t * g, G) for G, g in zip(grads, token_grads)]
+        eta_t = token_eta[offset][:, None, None, None]  # [B,1,1,1]
+        moved = [w - eta_t * G for w, G in zip(weights, grads)]
+        out_t = q_t + _inner_model(q_t, moved, ln_weight, ln_bias)
+        outs.append(torch.where(row, out_t, torch.zeros_like(out_t)).squeeze(2))
+        complete = (real & (offset == K - 1))[:, None, None, None]
+        weights = [torch.where(complete, w_new, w) for w_new, w in zip(moved, weights)]
+        grads = [torch.where(complete, torch.zeros_like(G), G) for G in grads]
+        offset = torch.where(real, (offset + 1) % K, offset)
+    out = torch.stack(outs, dim=1) if outs else xq.new_zeros(xq.shape)
+    return out, TTTState.from_parts(weights, grads, offset)
