@@ -186,6 +186,9 @@ class _TTTBase(nn.Module):
         H, f, K = self.num_heads, self.head_dim, self.mini_batch_size
         if state is None:
             state = self.init_state(B)
+        if mask is not None:
+            # Zero the padding first, so that even NaN or inf there cannot reach a gradient.
+            x = torch.where(mask.unsqueeze(-1), x, 0.0)
         # [B,T,D] -> [B,T,H,f]; under autocast these matmuls run in the autocast dtype.
         xq, xk, xv = (proj(x).unflatten(-1, (H, f)) for proj in (self.q_proj, self.k_proj, self.v_proj))
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -207,7 +210,7 @@ class _TTTBase(nn.Module):
             y = F.gelu(self.g_proj(x), approximate="tanh") * y
         y = self.o_proj(y)
         if mask is not None:
-            y = y * mask.unsqueeze(-1).to(y.dtype)
+            y = torch.where(mask.unsqueeze(-1), y, 0.0)
         return y, state
 
 

@@ -16,7 +16,7 @@ class TTTState(NamedTuple):
     yet by the position factor ``token_eta``: the weights seen by the token at
     position i of the mini-batch are ``W1 - token_eta[i] * W1_grad_i``. When a
     mini-batch completes, the weights move by ``token_eta[K-1] * W1_grad`` and the
-    accumulators are zero again.
+    accumulators are zero again; the accumulators of a row whose offset is 0 are ignored.
 
     All tensors are float32. ``W2``/``b2`` and their accumulators are ``None`` for
     TTT-Linear. Shapes (B streams, H heads, f head dim, F = f for Linear, 4f for MLP):

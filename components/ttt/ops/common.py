@@ -34,18 +34,14 @@ def ttt_layer_norm_l2_grad(z: Tensor, target: Tensor, weight: Tensor, bias: Tens
     Returns:
         ``[..., H, K, f]``.
     """
-    f = z.shape[-1]
-    mu = z.mean(dim=-1, keepdim=True)
-    var = z.var(dim=-1, keepdim=True, unbiased=False)
-    std = torch.sqrt(var + eps)
-    z_hat = (z - mu) / std
+    centered = z - z.mean(dim=-1, keepdim=True)
+    rstd = torch.rsqrt(centered.pow(2).mean(dim=-1, keepdim=True) + eps)
+    z_hat = centered * rstd
     grad_z_hat = (weight * z_hat + bias - target) * weight
-    # d LN / dz applied to grad_z_hat: (f * g - sum(g) - z_hat * sum(g * z_hat)) / (f * std)
-    return (
-        f * grad_z_hat
-        - grad_z_hat.sum(dim=-1, keepdim=True)
-        - z_hat * (grad_z_hat * z_hat).sum(dim=-1, keepdim=True)
-    ) / (f * std)
+    # d LN / dz applied to grad_z_hat: (g - mean(g) - z_hat * mean(g * z_hat)) / std
+    return rstd * (
+        grad_z_hat - grad_z_hat.mean(dim=-1, keepdim=True) - z_hat * (grad_z_hat * z_hat).mean(dim=-1, keepdim=True)
+    )
 
 
 def gelu_tanh_grad(x: Tensor) -> Tensor:

@@ -68,7 +68,7 @@ def _advance(weights: tuple, updates: tuple, pending: Optional[tuple], eta_last:
     if pending is not None:
         updates = tuple(u + p for u, p in zip(updates, pending))
     if complete is True:
-        return tuple(w - eta_last * u for w, u in zip(weights, updates)), None
+        return tuple(torch.addcmul(w, u, -eta_last) for w, u in zip(weights, updates)), None
     if complete is False:
         return weights, updates
     done = complete.view(-1, 1, 1, 1)
@@ -104,6 +104,11 @@ def _run_group(q, k, v, lr, token_eta, ln_w, ln_b, weights, pending, completions
     attn1 = eta * (xqa @ xka.transpose(-1, -2))  # [G,B,H,K,f+1] @ [G,B,H,f+1,K] -> [G,B,H,K,K]
     lr_xka_t = (lr.unsqueeze(-1) * xka).transpose(-1, -2)  # [G,B,H,f+1,K]
     target = v - k
+    # One unbind per tensor: indexing x[g] in the loop would make backward build a zero-filled
+    # gradient of the whole group for every mini-batch.
+    xkqa, xqa, attn1, lr_xka_t, target, eta, lr = (
+        t.unbind(0) for t in (xkqa, xqa, attn1, lr_xka_t, target, eta, lr)
+    )
     z_bars = []
     for g in range(q.shape[0]):
         see_pending = pending_in_output and g == 0 and pending is not None
@@ -190,7 +195,8 @@ def ttt_dual(
     weights = (fold(state.W1, state.b1),) if not state.is_mlp else (fold(state.W1, state.b1), fold(state.W2, state.b2))
     pending = None
     if any(o > 0 for o in offsets):
-        grads = state.grads()
+        inside = (state.offset > 0).view(B, 1, 1, 1)  # rows at a boundary have nothing pending
+        grads = [torch.where(inside, G, 0.0) for G in state.grads()]
         pending = tuple(fold(grads[i], grads[i + 1]) for i in range(0, len(grads), 2))
 
     group = checkpoint_group_size if checkpoint_group_size > 0 and torch.is_grad_enabled() else n

@@ -58,6 +58,9 @@ def ttt_naive(
     K = token_eta.shape[0]
     build_graph = torch.is_grad_enabled()
     weights, grads, offset = list(state.weights()), list(state.grads()), state.offset.clone()
+    # A row at a mini-batch boundary has nothing accumulated (see TTTState).
+    at_boundary = (offset == 0)[:, None, None, None]
+    grads = [torch.where(at_boundary, torch.zeros_like(G), G) for G in grads]
     outs = []
     for t in range(T):
         real = t < lengths  # [B]
