@@ -6,9 +6,10 @@ weights W, so the K outputs follow from a few matmuls (Sun et al. 2024, Sec. 2.7
     Z_bar = XQ W - (eta * (XQ XK^T + 1)) @ grad          eta_ij = token_eta_i * lr_j, j <= i
     W'    = W - token_eta_{K-1} * (lr * XK)^T @ grad
 
-with the bias folded into W by a column of ones on XQ and XK. Everything that does not
-depend on W (the eta and attention matrices, the targets) is computed for a whole group of
-mini-batches at once; the Python loop only runs what the carried weights need.
+(and the same for the bias). Everything that does not depend on W (the eta and attention
+matrices, the targets) is computed for a segment of mini-batches at once; the Python loop
+only runs what the carried weights need, and backward is written by hand
+(components/ttt/ops/dual_steps.py) rather than recorded op by op.
 
 Streams may start inside a mini-batch and rows may have different offsets and lengths:
 each row is shifted onto a common grid of mini-batches (its offset becomes masked slots in
@@ -18,14 +19,14 @@ and its gradients in the accumulator.
 """
 
 import math
-from typing import List, Optional, Tuple, Union
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import Tensor
 
-from components.ttt.ops.common import check_op_args, gelu_tanh_grad, ttt_layer_norm, ttt_layer_norm_l2_grad
+from components.ttt.ops.common import LN_EPS, check_op_args
+from components.ttt.ops.dual_steps import linear_bwd, linear_fwd, mlp_bwd, mlp_fwd
 from components.ttt.state import TTTState
 
 # Per mini-batch: True when every row completes it, False when none does, else a [B] mask.
@@ -63,10 +64,11 @@ def _completions(offsets: List[int], lengths: List[int], K: int, n: int, device)
     return result
 
 
-def _advance(weights: tuple, updates: tuple, pending: Optional[tuple], eta_last: Tensor, complete: Completion):
-    """Adds a mini-batch's accumulated gradients; moves the weights of rows that completed it."""
-    if pending is not None:
-        updates = tuple(u + p for u, p in zip(updates, pending))
+def _advance(weights: tuple, updates: tuple, eta_last: Tensor, complete: Completion):
+    """Moves the weights of rows that completed the mini-batch; the others keep accumulating.
+
+    ``updates`` already include what was pending. Returns ``(weights, pending)``.
+    """
     if complete is True:
         return tuple(torch.addcmul(w, u, -eta_last) for w, u in zip(weights, updates)), None
     if complete is False:
@@ -76,72 +78,169 @@ def _advance(weights: tuple, updates: tuple, pending: Optional[tuple], eta_last:
     return moved, tuple(torch.where(done, torch.zeros_like(u), u) for u in updates)
 
 
-def _with_ones(x: Tensor) -> Tensor:
-    return torch.cat([x, x.new_ones(x.shape[:-1] + (1,))], dim=-1)
+def _advance_bwd(d_weights: tuple, d_pending: Optional[tuple], updates: tuple, eta_last: Tensor, complete: Completion):
+    """Backward of :func:`_advance`: grads of the updates and of ``eta_last``."""
+    if complete is False:
+        return d_pending, eta_last.new_zeros(())
+    if complete is True:
+        d_updates = tuple(-eta_last * d for d in d_weights)
+        d_eta_last = -sum((d * u).sum() for d, u in zip(d_weights, updates))
+        return d_updates, d_eta_last
+    done = complete.view(-1, 1, 1, 1).to(eta_last.dtype)
+    d_updates = tuple(-eta_last * done * d + (1 - done) * dp for d, dp in zip(d_weights, d_pending))
+    d_eta_last = -sum((done * d * u).sum() for d, u in zip(d_weights, updates))
+    return d_updates, d_eta_last
 
 
-def _run_group(q, k, v, lr, token_eta, ln_w, ln_b, weights, pending, completions, pending_in_output):
-    """Runs G consecutive mini-batches.
+class _Precomputed(NamedTuple):
+    """What a segment of mini-batches needs that does not depend on the fast weights.
+    Each tensor has a leading ``[S]`` (mini-batches of the segment)."""
 
-    Args:
-        q, k, v: ``[G, B, H, K, f]``; lr: ``[G, B, H, K]``; token_eta: ``[K]``;
-        ln_w, ln_b: ``[H, 1, f]``.
-        weights: ``(W1a,)`` for Linear, ``(W1a, W2a)`` for MLP, biases folded in as a last row:
-            W1a ``[B, H, f+1, F]``, W2a ``[B, H, F+1, f]``.
-        pending: accumulators of the unfinished mini-batch in the layout of ``weights``, or None.
-        completions: G entries, see :data:`Completion`.
-        pending_in_output: whether the first mini-batch's outputs must see ``pending``.
+    target: Tensor  # v - k, [S,B,H,K,f]
+    eta: Tensor  # tril(token_eta_i * lr_j), [S,B,H,K,K]
+    scores1: Tensor  # q k^T + 1, [S,B,H,K,K]
+    attn1: Tensor  # eta * scores1
+    lr_k: Tensor  # lr * k, [S,B,H,K,f]
 
-    Returns:
-        ``(weights, pending, z_bar)`` with z_bar ``[G, B, H, K, f]`` before the TTT-LayerNorm.
-    """
+
+def _precompute(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, token_eta: Tensor) -> _Precomputed:
     K = q.shape[-2]
-    eta_last = token_eta[-1]
-    eta_col = token_eta.view(K, 1)
-    xkqa = _with_ones(torch.cat([k, q], dim=-2))  # [G,B,H,2K,f+1]
-    xka, xqa = xkqa[..., :K, :], xkqa[..., K:, :]
-    eta = torch.tril(token_eta.view(K, 1) * lr.unsqueeze(-2))  # [K,1] * [G,B,H,1,K] -> [G,B,H,K,K]
-    attn1 = eta * (xqa @ xka.transpose(-1, -2))  # [G,B,H,K,f+1] @ [G,B,H,f+1,K] -> [G,B,H,K,K]
-    lr_xka_t = (lr.unsqueeze(-1) * xka).transpose(-1, -2)  # [G,B,H,f+1,K]
-    target = v - k
-    # One unbind per tensor: indexing x[g] in the loop would make backward build a zero-filled
-    # gradient of the whole group for every mini-batch.
-    xkqa, xqa, attn1, lr_xka_t, target, eta, lr = (
-        t.unbind(0) for t in (xkqa, xqa, attn1, lr_xka_t, target, eta, lr)
-    )
-    z_bars = []
+    eta = torch.tril(token_eta.view(K, 1) * lr.unsqueeze(-2))  # [K,1] * [S,B,H,1,K] -> [S,B,H,K,K]
+    scores1 = torch.matmul(q, k.transpose(-1, -2)) + 1.0  # [S,B,H,K,f] @ [S,B,H,f,K]
+    return _Precomputed(v - k, eta, scores1, eta * scores1, lr.unsqueeze(-1) * k)
+
+
+def _precompute_bwd(grads: dict, q, k, lr, token_eta, pre: _Precomputed):
+    """Turns grads of the precomputed tensors into grads of q, k, v, lr and token_eta."""
+    d_eta = grads["attn1"] * pre.scores1
+    if "eta" in grads:
+        d_eta = d_eta + grads["eta"]
+    d_eta = torch.tril(d_eta)
+    d_scores1 = grads["attn1"] * pre.eta
+    d_q = grads["q"] + torch.matmul(d_scores1, k)  # [S,B,H,K,K] @ [S,B,H,K,f]
+    d_k = grads["k"] - grads["target"] + lr.unsqueeze(-1) * grads["lr_k"] + torch.matmul(d_scores1.transpose(-1, -2), q)
+    d_v = grads["target"]
+    d_lr = grads["lr"] + (grads["lr_k"] * k).sum(-1) + (d_eta * token_eta.view(-1, 1)).sum(-2)
+    d_token_eta = (d_eta * lr.unsqueeze(-2)).sum(dim=(0, 1, 2, 4))
+    return d_q, d_k, d_v, d_lr, d_token_eta
+
+
+def _run_segment(mlp, pre, q, k, lr, token_eta, ln_w, ln_b, weights, pending, completions, keep):
+    """Forward over a segment's mini-batches. With ``keep``, also returns for each step its
+    carry, updates and cache (for backward)."""
+    eta_col = token_eta.view(-1, 1)
+    z_bars, kept = [], []
     for g in range(q.shape[0]):
-        see_pending = pending_in_output and g == 0 and pending is not None
-        if len(weights) == 1:
-            (W1a,) = weights
-            z = xkqa[g] @ W1a  # [B,H,2K,f+1] @ [B,H,f+1,f] -> [B,H,2K,f]
-            grad = ttt_layer_norm_l2_grad(z[..., :K, :], target[g], ln_w, ln_b)
-            z_bar = z[..., K:, :] - attn1[g] @ grad  # [B,H,K,K] @ [B,H,K,f]
-            if see_pending:
-                z_bar = z_bar - eta_col * (xqa[g] @ pending[0])
-            updates = (lr_xka_t[g] @ grad,)  # [B,H,f+1,K] @ [B,H,K,f] -> [B,H,f+1,f]
+        if mlp:
+            z_bar, updates, cache = mlp_fwd(
+                q[g], k[g], pre.target[g], pre.eta[g], pre.attn1[g], pre.lr_k[g], lr[g], eta_col, ln_w, ln_b,
+                *weights, pending,
+            )
         else:
-            W1a, W2a = weights
-            F4 = W2a.shape[-2] - 1
-            z1 = xkqa[g] @ W1a  # [B,H,2K,f+1] @ [B,H,f+1,4f] -> [B,H,2K,4f]
-            z1k = z1[..., :K, :]
-            x2a = _with_ones(F.gelu(z1k, approximate="tanh"))  # [B,H,K,4f+1]
-            grad2 = ttt_layer_norm_l2_grad(x2a @ W2a, target[g], ln_w, ln_b)  # [B,H,K,f]
-            # [B,H,K,f] @ [B,H,f,4f] -> [B,H,K,4f]
-            grad1 = (grad2 @ W2a[..., :F4, :].transpose(-1, -2)) * gelu_tanh_grad(z1k)
-            z1_bar = z1[..., K:, :] - attn1[g] @ grad1  # [B,H,K,K] @ [B,H,K,4f]
-            if see_pending:
-                z1_bar = z1_bar - eta_col * (xqa[g] @ pending[0])
-            x2a_bar = _with_ones(F.gelu(z1_bar, approximate="tanh"))  # [B,H,K,4f+1]
-            attn2 = eta[g] * (x2a_bar @ x2a.transpose(-1, -2))  # [B,H,K,4f+1] @ [B,H,4f+1,K]
-            z_bar = x2a_bar @ W2a - attn2 @ grad2  # [B,H,K,f]
-            if see_pending:
-                z_bar = z_bar - eta_col * (x2a_bar @ pending[1])
-            lr_x2a_t = (lr[g].unsqueeze(-1) * x2a).transpose(-1, -2)  # [B,H,4f+1,K]
-            updates = (lr_xka_t[g] @ grad1, lr_x2a_t @ grad2)
-        weights, pending = _advance(weights, updates, pending, eta_last, completions[g])
+            z_bar, updates, cache = linear_fwd(
+                q[g], k[g], pre.target[g], pre.attn1[g], pre.lr_k[g], lr[g], eta_col, ln_w, ln_b, *weights, pending
+            )
+        if keep:
+            kept.append((weights, pending, updates, cache))
+        weights, pending = _advance(weights, updates, token_eta[-1], completions[g])
         z_bars.append(z_bar)
-    return weights, pending, torch.stack(z_bars)
+    return torch.stack(z_bars), weights, pending, kept
+
+
+class _DualScan(torch.autograd.Function):
+    """The scan over mini-batches with a hand-written backward.
+
+    Backward walks the segments from last to first. Without checkpointing (``segment`` =
+    all mini-batches) forward keeps every step's cache; with it, forward keeps only the
+    carried weights at each segment's start and backward recomputes that segment first.
+    """
+
+    @staticmethod
+    def forward(ctx, mlp, completions, segment, q, k, v, lr, token_eta, ln_w, ln_b, *carry):
+        n_w = 4 if mlp else 2
+        weights, pending = tuple(carry[:n_w]), (tuple(carry[n_w:]) or None)
+        n = q.shape[0]
+        checkpointing = segment < n
+        ctx.mlp, ctx.completions, ctx.segment, ctx.n_w = mlp, completions, segment, n_w
+        ctx.initial_pending = pending is not None
+        starts, z_bars = [], []
+        for s in range(0, n, segment):
+            e = min(s + segment, n)
+            starts.append((weights, pending))
+            pre = _precompute(q[s:e], k[s:e], v[s:e], lr[s:e], token_eta)
+            z_bar, weights, pending, kept = _run_segment(
+                mlp, pre, q[s:e], k[s:e], lr[s:e], token_eta, ln_w, ln_b, weights, pending, completions[s:e],
+                keep=not checkpointing,
+            )
+            z_bars.append(z_bar)
+        ctx.kept = None if checkpointing else kept
+        # Segment starts go through save_for_backward so that an outer activation checkpoint can free them.
+        ctx.has_pending = [p is not None for _, p in starts]
+        flat = [t for w, p in starts for t in (w + (p if p is not None else ()))]
+        ctx.save_for_backward(q, k, v, lr, token_eta, ln_w, ln_b, *flat)
+        ctx.final_pending = pending is not None
+        out = weights + (pending if pending is not None else ())
+        # A weight that no mini-batch moved is still the input tensor; outputs must be new tensors.
+        out = tuple(t.clone() if any(t is c for c in carry) else t for t in out)
+        return (torch.cat(z_bars),) + out
+
+    @staticmethod
+    def backward(ctx, d_z_bar, *d_carry):
+        q, k, v, lr, token_eta, ln_w, ln_b, *flat = ctx.saved_tensors
+        mlp, n_w, n = ctx.mlp, ctx.n_w, q.shape[0]
+        starts, i = [], 0
+        for has_pending in ctx.has_pending:
+            width = n_w * (2 if has_pending else 1)
+            group = tuple(flat[i : i + width])
+            starts.append((group[:n_w], group[n_w:] or None))
+            i += width
+        d_weights = tuple(d_carry[:n_w])
+        d_pending = tuple(d_carry[n_w:]) if ctx.final_pending else None
+        d_q, d_k, d_v, d_lr = (torch.zeros_like(t) for t in (q, k, v, lr))
+        d_token_eta = torch.zeros_like(token_eta)
+        d_ln_w, d_ln_b = torch.zeros_like(ln_w), torch.zeros_like(ln_b)
+        eta_col, eta_last = token_eta.view(-1, 1), token_eta[-1]
+        for seg in reversed(range(len(starts))):
+            s = seg * ctx.segment
+            e = min(s + ctx.segment, n)
+            pre = _precompute(q[s:e], k[s:e], v[s:e], lr[s:e], token_eta)
+            kept = ctx.kept
+            if kept is None:
+                weights, pending = starts[seg]
+                _, _, _, kept = _run_segment(
+                    mlp, pre, q[s:e], k[s:e], lr[s:e], token_eta, ln_w, ln_b, weights, pending,
+                    ctx.completions[s:e], keep=True,
+                )
+            grads = {name: [] for name in ("q", "k", "target", "eta", "attn1", "lr_k", "lr")}
+            for g in reversed(range(e - s)):
+                weights, pending, updates, cache = kept[g]
+                d_updates, d_eta_last = _advance_bwd(d_weights, d_pending, updates, eta_last, ctx.completions[s + g])
+                d_token_eta[-1] += d_eta_last
+                if mlp:
+                    step, d_w, d_pending_in, d_eta_col = mlp_bwd(
+                        cache, d_z_bar[s + g], d_updates, q[s + g], k[s + g], pre.eta[g], pre.attn1[g],
+                        pre.lr_k[g], lr[s + g], eta_col, ln_w, weights[0], weights[2], pending,
+                    )
+                else:
+                    step, d_w, d_pending_in, d_eta_col = linear_bwd(
+                        cache, d_z_bar[s + g], d_updates, q[s + g], k[s + g], pre.attn1[g], pre.lr_k[g],
+                        lr[s + g], eta_col, ln_w, weights[0], pending,
+                    )
+                d_weights = tuple(a + b for a, b in zip(d_weights, d_w))
+                d_pending = d_pending_in
+                if d_eta_col is not None:
+                    d_token_eta += d_eta_col.sum(dim=(0, 1)).view(-1)
+                d_ln_w += step.pop("ln_w").sum(dim=(0, 2)).unsqueeze(1)
+                d_ln_b += step.pop("ln_b").sum(dim=(0, 2)).unsqueeze(1)
+                for name, value in step.items():
+                    grads[name].append(value)
+            grads = {name: torch.stack(values[::-1]) for name, values in grads.items() if values}
+            dq, dk, dv, dlr, dte = _precompute_bwd(grads, q[s:e], k[s:e], lr[s:e], token_eta, pre)
+            d_q[s:e], d_k[s:e], d_v[s:e], d_lr[s:e] = dq, dk, dv, dlr
+            d_token_eta += dte
+        ctx.kept = None
+        d_initial = d_weights + (d_pending if ctx.initial_pending else ())
+        return (None, None, None, d_q, d_k, d_v, d_lr, d_token_eta, d_ln_w, d_ln_b) + d_initial
 
 
 def ttt_dual(
@@ -182,41 +281,31 @@ def ttt_dual(
     n = math.ceil((max(offsets) + T) / K)
     to_grid, valid, from_grid = _grid_indices(state.offset, lengths, T, H, K, n)
 
+    all_valid = bool(valid.all())
+
     def grid(x: Tensor) -> Tensor:  # [B,T,H,f] -> [n,B,H,K,f], zero outside real tokens
         moved = x.reshape(B * T * H, -1).index_select(0, to_grid).view(n, B, H, K, -1)
-        return torch.where(valid.unsqueeze(-1), moved, 0.0)
+        return moved if all_valid else torch.where(valid.unsqueeze(-1), moved, 0.0)
 
     q, k, v = grid(xq), grid(xk), grid(xv)
     lr_grid = grid(lr.unsqueeze(-1)).squeeze(-1)  # [n,B,H,K]
     ln_w, ln_b = ln_weight.unsqueeze(1), ln_bias.unsqueeze(1)  # [H,1,f]
     completions = _completions(offsets, lens, K, n, xq.device)
 
-    fold = lambda w, b: torch.cat([w, b], dim=-2)  # noqa: E731  W [B,H,i,o], b [B,H,1,o] -> [B,H,i+1,o]
-    weights = (fold(state.W1, state.b1),) if not state.is_mlp else (fold(state.W1, state.b1), fold(state.W2, state.b2))
+    weights = state.weights()
     pending = None
     if any(o > 0 for o in offsets):
         inside = (state.offset > 0).view(B, 1, 1, 1)  # rows at a boundary have nothing pending
-        grads = [torch.where(inside, G, 0.0) for G in state.grads()]
-        pending = tuple(fold(grads[i], grads[i + 1]) for i in range(0, len(grads), 2))
-
-    group = checkpoint_group_size if checkpoint_group_size > 0 and torch.is_grad_enabled() else n
-    z_bars = []
-    for start in range(0, n, group):
-        end = min(start + group, n)
-        args = (q[start:end], k[start:end], v[start:end], lr_grid[start:end], token_eta, ln_w, ln_b)
-        args += (weights, pending, completions[start:end], start == 0)
-        if group < n:
-            weights, pending, z_bar = torch.utils.checkpoint.checkpoint(_run_group, *args, use_reentrant=False)
-        else:
-            weights, pending, z_bar = _run_group(*args)
-        z_bars.append(z_bar)
-    out_grid = q + ttt_layer_norm(torch.cat(z_bars), ln_w, ln_b)  # [n,B,H,K,f]
-    out = out_grid.reshape(n * B * H * K, f).index_select(0, from_grid).view(B, T, H, f)
-    out = torch.where((torch.arange(T, device=xq.device) < lengths.view(B, 1)).view(B, T, 1, 1), out, 0.0)
-
-    unfold = lambda wa: (wa[..., :-1, :], wa[..., -1:, :])  # noqa: E731
-    new_weights = sum((unfold(w) for w in weights), ())
-    new_grads = (
-        sum((unfold(p) for p in pending), ()) if pending is not None else tuple(torch.zeros_like(w) for w in new_weights)
+        pending = tuple(torch.where(inside, G, 0.0) for G in state.grads())
+    segment = checkpoint_group_size if 0 < checkpoint_group_size < n else n
+    z_bar, *carry = _DualScan.apply(
+        state.is_mlp, completions, segment, q, k, v, lr_grid, token_eta, ln_w, ln_b, *weights, *(pending or ())
     )
+    new_weights = tuple(carry[: len(weights)])
+    new_grads = tuple(carry[len(weights) :]) or tuple(torch.zeros_like(w) for w in new_weights)
+    # [n,B,H,K,f]: LN over f with per-head affine
+    out_grid = q + F.layer_norm(z_bar, (f,), eps=LN_EPS) * ln_w + ln_b
+    out = out_grid.reshape(n * B * H * K, f).index_select(0, from_grid).view(B, T, H, f)
+    if any(L < T for L in lens):
+        out = torch.where((torch.arange(T, device=xq.device) < lengths.view(B, 1)).view(B, T, 1, 1), out, 0.0)
     return out, TTTState.from_parts(new_weights, new_grads, (state.offset + lengths) % K)
