@@ -24,6 +24,7 @@ from typing import List, NamedTuple, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from components.ttt.ops.common import LN_EPS, check_op_args
 from components.ttt.ops.dual_steps import linear_bwd, linear_fwd, mlp_bwd, mlp_fwd
@@ -92,67 +93,100 @@ def _advance_bwd(d_weights: tuple, d_pending: Optional[tuple], updates: tuple, e
     return d_updates, d_eta_last
 
 
-class _Precomputed(NamedTuple):
-    """What a segment of mini-batches needs that does not depend on the fast weights.
-    Each tensor has a leading ``[S]`` (mini-batches of the segment)."""
+class _StepInputs(NamedTuple):
+    """What a mini-batch needs that does not depend on the fast weights (``[B, H, ...]``)."""
 
-    target: Tensor  # v - k, [S,B,H,K,f]
-    eta: Tensor  # tril(token_eta_i * lr_j), [S,B,H,K,K]
-    scores1: Tensor  # q k^T + 1, [S,B,H,K,K]
+    target: Tensor  # v - k, [B,H,K,f]
+    eta: Tensor  # tril(token_eta_i * lr_j), [B,H,K,K]
+    scores1: Tensor  # q k^T + 1, [B,H,K,K]
     attn1: Tensor  # eta * scores1
-    lr_k: Tensor  # lr * k, [S,B,H,K,f]
+    lr_k: Tensor  # lr * k, [B,H,K,f]
 
 
-def _precompute(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, token_eta: Tensor) -> _Precomputed:
+def _step_inputs(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, token_eta: Tensor) -> _StepInputs:
     K = q.shape[-2]
-    eta = torch.tril(token_eta.view(K, 1) * lr.unsqueeze(-2))  # [K,1] * [S,B,H,1,K] -> [S,B,H,K,K]
-    scores1 = torch.matmul(q, k.transpose(-1, -2)) + 1.0  # [S,B,H,K,f] @ [S,B,H,f,K]
-    return _Precomputed(v - k, eta, scores1, eta * scores1, lr.unsqueeze(-1) * k)
+    eta = torch.tril(token_eta.view(K, 1) * lr.unsqueeze(-2))  # [K,1] * [B,H,1,K] -> [B,H,K,K]
+    scores1 = torch.matmul(q, k.transpose(-1, -2)) + 1.0  # [B,H,K,f] @ [B,H,f,K]
+    return _StepInputs(v - k, eta, scores1, eta * scores1, lr.unsqueeze(-1) * k)
 
 
-def _precompute_bwd(grads: dict, q, k, lr, token_eta, pre: _Precomputed):
-    """Turns grads of the precomputed tensors into grads of q, k, v, lr and token_eta."""
+def _step_inputs_bwd(grads: dict, q: Tensor, k: Tensor, lr: Tensor, token_eta: Tensor, pre: _StepInputs):
+    """Turns grads of a step's inputs into grads of q, k, v, lr and token_eta."""
     d_eta = grads["attn1"] * pre.scores1
     if "eta" in grads:
         d_eta = d_eta + grads["eta"]
     d_eta = torch.tril(d_eta)
     d_scores1 = grads["attn1"] * pre.eta
-    d_q = grads["q"] + torch.matmul(d_scores1, k)  # [S,B,H,K,K] @ [S,B,H,K,f]
+    d_q = grads["q"] + torch.matmul(d_scores1, k)  # [B,H,K,K] @ [B,H,K,f]
     d_k = grads["k"] - grads["target"] + lr.unsqueeze(-1) * grads["lr_k"] + torch.matmul(d_scores1.transpose(-1, -2), q)
-    d_v = grads["target"]
     d_lr = grads["lr"] + (grads["lr_k"] * k).sum(-1) + (d_eta * token_eta.view(-1, 1)).sum(-2)
-    d_token_eta = (d_eta * lr.unsqueeze(-2)).sum(dim=(0, 1, 2, 4))
-    return d_q, d_k, d_v, d_lr, d_token_eta
+    d_token_eta = (d_eta * lr.unsqueeze(-2)).sum(dim=(0, 1, 3))
+    return d_q, d_k, grads["target"], d_lr, d_token_eta
 
 
-def _run_segment(mlp, pre, q, k, lr, token_eta, ln_w, ln_b, weights, pending, completions, keep):
-    """Forward over a segment's mini-batches. With ``keep``, also returns for each step its
-    carry, updates and cache (for backward)."""
-    eta_col = token_eta.view(-1, 1)
-    z_bars, kept = [], []
-    for g in range(q.shape[0]):
+def _scan(mlp, q, k, v, lr, token_eta, ln_w, ln_b, weights, pending, completions, z_bars=None, keep=False):
+    """Runs mini-batches ``0..len(q)-1`` from the given carry; writes z_bar into ``z_bars``.
+
+    Returns ``(weights, pending, kept)``; with ``keep``, ``kept`` holds for each step what its
+    backward needs: ``(weights, pending, updates, cache, step_inputs)``.
+    """
+    eta_col, eta_last = token_eta.view(-1, 1), token_eta[-1]
+    kept = []
+    for m in range(q.shape[0]):
+        pre = _step_inputs(q[m], k[m], v[m], lr[m], token_eta)
         if mlp:
             z_bar, updates, cache = mlp_fwd(
-                q[g], k[g], pre.target[g], pre.eta[g], pre.attn1[g], pre.lr_k[g], lr[g], eta_col, ln_w, ln_b,
-                *weights, pending,
+                q[m], k[m], pre.target, pre.eta, pre.attn1, pre.lr_k, lr[m], eta_col, ln_w, ln_b, *weights, pending
             )
         else:
             z_bar, updates, cache = linear_fwd(
-                q[g], k[g], pre.target[g], pre.attn1[g], pre.lr_k[g], lr[g], eta_col, ln_w, ln_b, *weights, pending
+                q[m], k[m], pre.target, pre.attn1, pre.lr_k, lr[m], eta_col, ln_w, ln_b, *weights, pending
             )
+        if z_bars is not None:
+            z_bars[m] = z_bar
         if keep:
-            kept.append((weights, pending, updates, cache))
-        weights, pending = _advance(weights, updates, token_eta[-1], completions[g])
-        z_bars.append(z_bar)
-    return torch.stack(z_bars), weights, pending, kept
+            kept.append((weights, pending, updates, cache, pre))
+        weights, pending = _advance(weights, updates, eta_last, completions[m])
+    return weights, pending, kept
+
+
+def _scan_bwd(mlp, kept, d_z_bar, d_weights, d_pending, q, k, lr, token_eta, ln_w, completions, grads_out):
+    """Walks ``kept`` backwards; writes grads of q, k, v, lr into ``grads_out`` and returns the
+    grads of the carry at the start plus those of token_eta, ln_w and ln_b."""
+    eta_col, eta_last = token_eta.view(-1, 1), token_eta[-1]
+    d_q, d_k, d_v, d_lr = grads_out
+    d_token_eta = torch.zeros_like(token_eta)
+    d_ln_w = d_ln_b = 0.0
+    for m in reversed(range(len(kept))):
+        weights, pending, updates, cache, pre = kept[m]
+        d_updates, d_eta_last = _advance_bwd(d_weights, d_pending, updates, eta_last, completions[m])
+        if mlp:
+            step, d_w, d_pending, d_eta_col = mlp_bwd(
+                cache, d_z_bar[m], d_updates, q[m], k[m], pre.eta, pre.attn1, pre.lr_k, lr[m], eta_col, ln_w,
+                weights[0], weights[2], pending,
+            )
+        else:
+            step, d_w, d_pending, d_eta_col = linear_bwd(
+                cache, d_z_bar[m], d_updates, q[m], k[m], pre.attn1, pre.lr_k, lr[m], eta_col, ln_w, weights[0], pending
+            )
+        d_weights = tuple(a + b for a, b in zip(d_weights, d_w))
+        d_ln_w = d_ln_w + step.pop("ln_w").sum(dim=(0, 2))  # [B,H,K,f] -> [H,f]
+        d_ln_b = d_ln_b + step.pop("ln_b").sum(dim=(0, 2))
+        d_q[m], d_k[m], d_v[m], d_lr[m], d_te = _step_inputs_bwd(step, q[m], k[m], lr[m], token_eta, pre)
+        d_token_eta = d_token_eta + d_te
+        d_token_eta[-1] += d_eta_last
+        if d_eta_col is not None:
+            d_token_eta = d_token_eta + d_eta_col.sum(dim=(0, 1)).view(-1)
+    return d_weights, d_pending, d_token_eta, d_ln_w, d_ln_b
 
 
 class _DualScan(torch.autograd.Function):
     """The scan over mini-batches with a hand-written backward.
 
-    Backward walks the segments from last to first. Without checkpointing (``segment`` =
-    all mini-batches) forward keeps every step's cache; with it, forward keeps only the
-    carried weights at each segment's start and backward recomputes that segment first.
+    Without checkpointing (``segment`` = all mini-batches), forward keeps what each step's
+    backward needs; with it, forward keeps only the carried weights at the start of each
+    segment, and backward recomputes one segment at a time. Everything kept goes through
+    ``save_for_backward``, so an outer activation checkpoint can drop and recompute it.
     """
 
     @staticmethod
@@ -160,87 +194,59 @@ class _DualScan(torch.autograd.Function):
         n_w = 4 if mlp else 2
         weights, pending = tuple(carry[:n_w]), (tuple(carry[n_w:]) or None)
         n = q.shape[0]
-        checkpointing = segment < n
-        ctx.mlp, ctx.completions, ctx.segment, ctx.n_w = mlp, completions, segment, n_w
-        ctx.initial_pending = pending is not None
-        starts, z_bars = [], []
+        z_bars = torch.empty_like(q)
+        starts, kept = [], []
         for s in range(0, n, segment):
             e = min(s + segment, n)
             starts.append((weights, pending))
-            pre = _precompute(q[s:e], k[s:e], v[s:e], lr[s:e], token_eta)
-            z_bar, weights, pending, kept = _run_segment(
-                mlp, pre, q[s:e], k[s:e], lr[s:e], token_eta, ln_w, ln_b, weights, pending, completions[s:e],
-                keep=not checkpointing,
+            weights, pending, seg_kept = _scan(
+                mlp, q[s:e], k[s:e], v[s:e], lr[s:e], token_eta, ln_w, ln_b, weights, pending, completions[s:e],
+                z_bars=z_bars[s:e], keep=segment == n,
             )
-            z_bars.append(z_bar)
-        ctx.kept = None if checkpointing else kept
-        # Segment starts go through save_for_backward so that an outer activation checkpoint can free them.
-        ctx.has_pending = [p is not None for _, p in starts]
-        flat = [t for w, p in starts for t in (w + (p if p is not None else ()))]
-        ctx.save_for_backward(q, k, v, lr, token_eta, ln_w, ln_b, *flat)
-        ctx.final_pending = pending is not None
+            kept += seg_kept
+        leaves, ctx.spec = tree_flatten((starts, kept))
+        ctx.tensor_slots = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
+        ctx.other_leaves = [None if isinstance(leaf, Tensor) else leaf for leaf in leaves]
+        ctx.save_for_backward(q, k, v, lr, token_eta, ln_w, ln_b, *(leaves[i] for i in ctx.tensor_slots))
+        ctx.mlp, ctx.completions, ctx.segment, ctx.n_w = mlp, completions, segment, n_w
+        ctx.initial_pending, ctx.final_pending = len(carry) > n_w, pending is not None
         out = weights + (pending if pending is not None else ())
         # A weight that no mini-batch moved is still the input tensor; outputs must be new tensors.
         out = tuple(t.clone() if any(t is c for c in carry) else t for t in out)
-        return (torch.cat(z_bars),) + out
+        return (z_bars,) + out
 
     @staticmethod
     def backward(ctx, d_z_bar, *d_carry):
-        q, k, v, lr, token_eta, ln_w, ln_b, *flat = ctx.saved_tensors
-        mlp, n_w, n = ctx.mlp, ctx.n_w, q.shape[0]
-        starts, i = [], 0
-        for has_pending in ctx.has_pending:
-            width = n_w * (2 if has_pending else 1)
-            group = tuple(flat[i : i + width])
-            starts.append((group[:n_w], group[n_w:] or None))
-            i += width
+        q, k, v, lr, token_eta, ln_w, ln_b, *saved = ctx.saved_tensors
+        leaves = list(ctx.other_leaves)
+        for slot, tensor in zip(ctx.tensor_slots, saved):
+            leaves[slot] = tensor
+        starts, kept = tree_unflatten(leaves, ctx.spec)
+        mlp, n_w, n, segment = ctx.mlp, ctx.n_w, q.shape[0], ctx.segment
         d_weights = tuple(d_carry[:n_w])
         d_pending = tuple(d_carry[n_w:]) if ctx.final_pending else None
-        d_q, d_k, d_v, d_lr = (torch.zeros_like(t) for t in (q, k, v, lr))
+        grads_out = tuple(torch.empty_like(t) for t in (q, k, v, lr))
         d_token_eta = torch.zeros_like(token_eta)
         d_ln_w, d_ln_b = torch.zeros_like(ln_w), torch.zeros_like(ln_b)
-        eta_col, eta_last = token_eta.view(-1, 1), token_eta[-1]
         for seg in reversed(range(len(starts))):
-            s = seg * ctx.segment
-            e = min(s + ctx.segment, n)
-            pre = _precompute(q[s:e], k[s:e], v[s:e], lr[s:e], token_eta)
-            kept = ctx.kept
-            if kept is None:
+            s, e = seg * segment, min((seg + 1) * segment, n)
+            if segment < n:
                 weights, pending = starts[seg]
-                _, _, _, kept = _run_segment(
-                    mlp, pre, q[s:e], k[s:e], lr[s:e], token_eta, ln_w, ln_b, weights, pending,
+                _, _, seg_kept = _scan(
+                    mlp, q[s:e], k[s:e], v[s:e], lr[s:e], token_eta, ln_w, ln_b, weights, pending,
                     ctx.completions[s:e], keep=True,
                 )
-            grads = {name: [] for name in ("q", "k", "target", "eta", "attn1", "lr_k", "lr")}
-            for g in reversed(range(e - s)):
-                weights, pending, updates, cache = kept[g]
-                d_updates, d_eta_last = _advance_bwd(d_weights, d_pending, updates, eta_last, ctx.completions[s + g])
-                d_token_eta[-1] += d_eta_last
-                if mlp:
-                    step, d_w, d_pending_in, d_eta_col = mlp_bwd(
-                        cache, d_z_bar[s + g], d_updates, q[s + g], k[s + g], pre.eta[g], pre.attn1[g],
-                        pre.lr_k[g], lr[s + g], eta_col, ln_w, weights[0], weights[2], pending,
-                    )
-                else:
-                    step, d_w, d_pending_in, d_eta_col = linear_bwd(
-                        cache, d_z_bar[s + g], d_updates, q[s + g], k[s + g], pre.attn1[g], pre.lr_k[g],
-                        lr[s + g], eta_col, ln_w, weights[0], pending,
-                    )
-                d_weights = tuple(a + b for a, b in zip(d_weights, d_w))
-                d_pending = d_pending_in
-                if d_eta_col is not None:
-                    d_token_eta += d_eta_col.sum(dim=(0, 1)).view(-1)
-                d_ln_w += step.pop("ln_w").sum(dim=(0, 2)).unsqueeze(1)
-                d_ln_b += step.pop("ln_b").sum(dim=(0, 2)).unsqueeze(1)
-                for name, value in step.items():
-                    grads[name].append(value)
-            grads = {name: torch.stack(values[::-1]) for name, values in grads.items() if values}
-            dq, dk, dv, dlr, dte = _precompute_bwd(grads, q[s:e], k[s:e], lr[s:e], token_eta, pre)
-            d_q[s:e], d_k[s:e], d_v[s:e], d_lr[s:e] = dq, dk, dv, dlr
-            d_token_eta += dte
-        ctx.kept = None
+            else:
+                seg_kept = kept
+            d_weights, d_pending, d_te, d_w, d_b = _scan_bwd(
+                mlp, seg_kept, d_z_bar[s:e], d_weights, d_pending, q[s:e], k[s:e], lr[s:e], token_eta, ln_w,
+                ctx.completions[s:e], tuple(g[s:e] for g in grads_out),
+            )
+            d_token_eta += d_te
+            d_ln_w += d_w.unsqueeze(1)
+            d_ln_b += d_b.unsqueeze(1)
         d_initial = d_weights + (d_pending if ctx.initial_pending else ())
-        return (None, None, None, d_q, d_k, d_v, d_lr, d_token_eta, d_ln_w, d_ln_b) + d_initial
+        return (None, None, None, *grads_out, d_token_eta, d_ln_w, d_ln_b) + d_initial
 
 
 def ttt_dual(
