@@ -15,7 +15,6 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from components.ttt.ops.common import LN_EPS
@@ -24,43 +23,80 @@ _A = math.sqrt(2.0 / math.pi)
 _C = 0.044715
 
 
-def gelu_tanh_grads(x: Tensor):
-    """First and second derivatives of ``gelu(x, approximate="tanh")``."""
-    u = _A * (x + _C * x**3)
-    t = torch.tanh(u)
-    du = _A * (1.0 + 3 * _C * x * x)
-    sech2 = 1.0 - t * t
-    first = 0.5 * (1.0 + t) + 0.5 * x * sech2 * du
-    second = sech2 * (du - x * t * du * du + 3 * _A * _C * x * x)
-    return first, second
+def gelu_tanh(x: Tensor):
+    """``gelu(x, approximate="tanh")`` as ``x * sigmoid(2u)``, ``u = a (x + c x^3)``; also returns
+    the sigmoid, from which both derivatives follow. (torch's fused tanh-GELU is ~4x slower
+    on CPU than these few vectorized ops.)"""
+    s = torch.sigmoid((2 * _A) * torch.addcmul(x, x * x, x, value=_C))
+    return x * s, s
+
+
+def _du(x: Tensor) -> Tensor:
+    """d(2u)/dx = 2a (1 + 3c x^2)."""
+    return (x * x).mul_(6 * _A * _C).add_(2 * _A)
+
+
+def gelu_tanh_slope(x: Tensor, s: Tensor) -> Tensor:
+    """gelu'(x) given ``s`` from :func:`gelu_tanh`: ``s + x s (1 - s) du``."""
+    return (s - s * s).mul_(x).mul_(_du(x)).add_(s)
+
+
+def gelu_tanh_slope_and_curvature(x: Tensor, s: Tensor):
+    """gelu'(x) and gelu''(x) given ``s``; gelu'' = ``s (1 - s) (2 du + x ((1 - 2s) du^2 + 12 a c x))``."""
+    du = _du(x)
+    ds = s - s * s
+    slope = (ds * x).mul_(du).add_(s)
+    du2 = du * du
+    curvature = du2.addcmul_(du2, s, value=-2.0).add_(x, alpha=12 * _A * _C).mul_(x).add_(du, alpha=2.0).mul_(ds)
+    return slope, curvature
+
+
+def _bh(x: Tensor) -> Tensor:
+    """``[B, H, r, c]`` -> ``[B*H, r, c]`` (a view unless x is an expanded parameter)."""
+    return x.reshape(-1, x.shape[-2], x.shape[-1])
+
+
+def _addmm(base: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor:
+    """``base + alpha * a @ b`` for ``[B, H, ...]`` tensors in one batched op; base may be a
+    broadcast row (a bias ``[B, H, 1, o]``)."""
+    out = torch.baddbmm(_bh(base), _bh(a), _bh(b), alpha=alpha)
+    return out.view(a.shape[:-1] + b.shape[-1:])
+
+
+def _addmm_(base: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor:
+    """In-place ``base += alpha * a @ b`` on a contiguous tensor this code owns."""
+    base.view(-1, base.shape[-2], base.shape[-1]).baddbmm_(_bh(a), _bh(b), alpha=alpha)
+    return base
 
 
 def ln_l2_grad_fwd(z: Tensor, target: Tensor, ln_w: Tensor, ln_b: Tensor):
     """``d/dz 0.5 ||LN(z) - target||^2`` and what its backward needs."""
-    centered = z - z.mean(dim=-1, keepdim=True)
-    rstd = torch.rsqrt(centered.pow(2).mean(dim=-1, keepdim=True) + LN_EPS)
-    z_hat = centered * rstd
+    z_hat = z - z.mean(dim=-1, keepdim=True)
+    rstd = z_hat.pow(2).mean(dim=-1, keepdim=True).add_(LN_EPS).rsqrt_()
+    z_hat.mul_(rstd)
     err = torch.addcmul(ln_b - target, ln_w, z_hat)  # LN(z) - target
     g_hat = err * ln_w
     s2 = (g_hat * z_hat).mean(dim=-1, keepdim=True)
-    inner = g_hat - g_hat.mean(dim=-1, keepdim=True) - z_hat * s2
-    return rstd * inner, (z_hat, rstd, err, g_hat, s2, inner)
+    inner = (g_hat - g_hat.mean(dim=-1, keepdim=True)).addcmul_(z_hat, s2, value=-1.0)
+    return rstd * inner, (z_hat, rstd, err, s2, inner)
 
 
 def ln_l2_grad_bwd(cache, d_out: Tensor, ln_w: Tensor):
-    """Backward of :func:`ln_l2_grad_fwd`: grads w.r.t. z, target, and the per-element
+    """Backward of :func:`ln_l2_grad_fwd`: grads w.r.t. z and target, and the per-element
     contributions to ln_w and ln_b (summed by the caller)."""
-    z_hat, rstd, err, g_hat, s2, inner = cache
+    z_hat, rstd, err, s2, inner = cache
     f = z_hat.shape[-1]
     p = rstd * d_out
     m1 = (p * z_hat).mean(dim=-1, keepdim=True)
-    d_g_hat = p - p.mean(dim=-1, keepdim=True) - z_hat * m1
+    d_g_hat = (p - p.mean(dim=-1, keepdim=True)).addcmul_(z_hat, m1, value=-1.0)
     d_err = d_g_hat * ln_w
-    d_z_hat = d_err * ln_w - p * s2 - g_hat * m1
-    d_rstd_direct = (d_out * inner).sum(dim=-1, keepdim=True)
-    d_z = rstd * (d_z_hat - d_z_hat.mean(dim=-1, keepdim=True) - z_hat * (d_z_hat * z_hat).mean(dim=-1, keepdim=True))
-    d_z = d_z - (d_rstd_direct * rstd * rstd / f) * z_hat
-    d_ln_w = d_g_hat * err + d_err * z_hat
+    d_z_hat = (d_err * ln_w).addcmul_(p, s2, value=-1.0).addcmul_(err * ln_w, m1, value=-1.0)
+    # LN backward of d_z_hat, plus the path through the rstd factor in front of `inner`
+    d_rstd = (d_out * inner).sum(dim=-1, keepdim=True)
+    m2 = (d_z_hat * z_hat).mean(dim=-1, keepdim=True)
+    d_z = (d_z_hat - d_z_hat.mean(dim=-1, keepdim=True)).addcmul_(z_hat, m2, value=-1.0).mul_(rstd)
+    d_z.addcmul_(d_rstd * rstd * rstd, z_hat, value=-1.0 / f)
+    d_ln_w = (d_g_hat * err).addcmul_(d_err, z_hat)
     return d_z, -d_err, d_ln_w, d_err
 
 
@@ -74,14 +110,14 @@ def _sum_rows(x: Tensor) -> Tensor:
 
 def linear_fwd(q, k, target, attn1, lr_k, lr, eta_col, ln_w, ln_b, W1, b1, pending: Optional[tuple]):
     """Returns ``z_bar``, the accumulated updates ``(U_W1, U_b1)`` and a cache for backward."""
-    zk = torch.matmul(k, W1) + b1  # [B,H,K,f] @ [B,H,f,f] -> [B,H,K,f]
+    zk = _addmm(b1, k, W1)  # [B,H,K,f] @ [B,H,f,f] + [B,H,1,f] -> [B,H,K,f]
     grad, ln_cache = ln_l2_grad_fwd(zk, target, ln_w, ln_b)
-    z_bar = torch.matmul(q, W1) + b1 - torch.matmul(attn1, grad)  # [B,H,K,K] @ [B,H,K,f]
+    z_bar = _addmm_(_addmm(b1, q, W1), attn1, grad, alpha=-1.0)  # - [B,H,K,K] @ [B,H,K,f]
     u_w = torch.matmul(_t(lr_k), grad)  # [B,H,f,K] @ [B,H,K,f] -> [B,H,f,f]
     u_b = torch.matmul(lr.unsqueeze(-2), grad)  # [B,H,1,K] @ [B,H,K,f] -> [B,H,1,f]
     seen = None
     if pending is not None:
-        seen = torch.matmul(q, pending[0]) + pending[1]  # what the pending gradients do to q
+        seen = _addmm(pending[1], q, pending[0])  # what the pending gradients do to q
         z_bar = z_bar - eta_col * seen
         u_w, u_b = u_w + pending[0], u_b + pending[1]
     return z_bar, (u_w, u_b), (grad, ln_cache, seen)
@@ -91,22 +127,21 @@ def linear_bwd(cache, d_z_bar, d_u, q, k, attn1, lr_k, lr, eta_col, ln_w, W1, pe
     """Grads of :func:`linear_fwd`'s inputs given those of z_bar and the updates."""
     grad, ln_cache, seen = cache
     d_uw, d_ub = d_u
-    d_grad = torch.matmul(lr_k, d_uw) + lr.unsqueeze(-1) * d_ub - torch.matmul(_t(attn1), d_z_bar)
+    d_grad = _addmm_(_addmm(lr.unsqueeze(-1) * d_ub, lr_k, d_uw), _t(attn1), d_z_bar, alpha=-1.0)
     d_lr_k = torch.matmul(grad, _t(d_uw))  # [B,H,K,f] @ [B,H,f,f]
     d_lr = (grad * d_ub).sum(dim=-1)
-    d_attn1 = -torch.matmul(d_z_bar, _t(grad))  # [B,H,K,f] @ [B,H,f,K]
+    d_attn1 = torch.matmul(d_z_bar, _t(grad)).neg_()  # [B,H,K,f] @ [B,H,f,K]
     d_q = torch.matmul(d_z_bar, _t(W1))
-    d_W1 = torch.matmul(_t(q), d_z_bar)
     d_b1 = _sum_rows(d_z_bar)
     d_eta_col, d_pending = None, None
     if pending is not None:
         d_eta_col = -(d_z_bar * seen).sum(dim=-1, keepdim=True)  # [B,H,K,1]
         d_seen = -eta_col * d_z_bar
-        d_q = d_q + torch.matmul(d_seen, _t(pending[0]))
-        d_pending = (d_uw + torch.matmul(_t(q), d_seen), d_ub + _sum_rows(d_seen))
+        _addmm_(d_q, d_seen, _t(pending[0]))
+        d_pending = (_addmm(d_uw, _t(q), d_seen), d_ub + _sum_rows(d_seen))
     d_zk, d_target, d_ln_w, d_ln_b = ln_l2_grad_bwd(ln_cache, d_grad, ln_w)
     d_k = torch.matmul(d_zk, _t(W1))
-    d_W1 = d_W1 + torch.matmul(_t(k), d_zk)
+    d_W1 = _addmm_(torch.matmul(_t(q), d_z_bar), _t(k), d_zk)
     d_b1 = d_b1 + _sum_rows(d_zk)
     inputs = dict(q=d_q, k=d_k, target=d_target, attn1=d_attn1, lr_k=d_lr_k, lr=d_lr, ln_w=d_ln_w, ln_b=d_ln_b)
     return inputs, (d_W1, d_b1), d_pending, d_eta_col
@@ -114,98 +149,92 @@ def linear_bwd(cache, d_z_bar, d_u, q, k, attn1, lr_k, lr, eta_col, ln_w, W1, pe
 
 def mlp_fwd(q, k, target, eta, attn1, lr_k, lr, eta_col, ln_w, ln_b, W1, b1, W2, b2, pending: Optional[tuple]):
     """TTT-MLP step; same contract as :func:`linear_fwd` with updates ``(U_W1, U_b1, U_W2, U_b2)``."""
-    z1k = torch.matmul(k, W1) + b1  # [B,H,K,f] @ [B,H,f,4f] -> [B,H,K,4f]
-    x2 = F.gelu(z1k, approximate="tanh")
-    z2 = torch.matmul(x2, W2) + b2  # [B,H,K,4f] @ [B,H,4f,f] -> [B,H,K,f]
+    z1k = _addmm(b1, k, W1)  # [B,H,K,f] @ [B,H,f,4f] -> [B,H,K,4f]
+    x2, s1 = gelu_tanh(z1k)
+    z2 = _addmm(b2, x2, W2)  # [B,H,K,4f] @ [B,H,4f,f] -> [B,H,K,f]
     grad2, ln_cache = ln_l2_grad_fwd(z2, target, ln_w, ln_b)
-    gelu1, gelu2 = gelu_tanh_grads(z1k)
     back2 = torch.matmul(grad2, _t(W2))  # [B,H,K,f] @ [B,H,f,4f] -> [B,H,K,4f]
-    grad1 = back2 * gelu1
-    z1_bar = torch.matmul(q, W1) + b1 - torch.matmul(attn1, grad1)  # [B,H,K,K] @ [B,H,K,4f]
+    grad1 = gelu_tanh_slope(z1k, s1).mul_(back2)
+    z1_bar = _addmm_(_addmm(b1, q, W1), attn1, grad1, alpha=-1.0)  # - [B,H,K,K] @ [B,H,K,4f]
     seen1 = seen2 = None
     if pending is not None:
-        seen1 = torch.matmul(q, pending[0]) + pending[1]
+        seen1 = _addmm(pending[1], q, pending[0])
         z1_bar = z1_bar - eta_col * seen1
-    x2_bar = F.gelu(z1_bar, approximate="tanh")
-    scores2 = torch.matmul(x2_bar, _t(x2)) + 1.0  # [B,H,K,4f] @ [B,H,4f,K] -> [B,H,K,K]
-    attn2 = eta * scores2
-    z_bar = torch.matmul(x2_bar, W2) + b2 - torch.matmul(attn2, grad2)
+    x2_bar, s1_bar = gelu_tanh(z1_bar)
+    scores2 = torch.matmul(x2_bar, _t(x2)).add_(1.0)  # [B,H,K,4f] @ [B,H,4f,K] -> [B,H,K,K]
+    z_bar = _addmm_(_addmm(b2, x2_bar, W2), eta * scores2, grad2, alpha=-1.0)
     if pending is not None:
-        seen2 = torch.matmul(x2_bar, pending[2]) + pending[3]
+        seen2 = _addmm(pending[3], x2_bar, pending[2])
         z_bar = z_bar - eta_col * seen2
-    lr_x2 = lr.unsqueeze(-1) * x2
     lr_row = lr.unsqueeze(-2)  # [B,H,1,K]
     updates = [
         torch.matmul(_t(lr_k), grad1),  # [B,H,f,K] @ [B,H,K,4f]
         torch.matmul(lr_row, grad1),
-        torch.matmul(_t(lr_x2), grad2),  # [B,H,4f,K] @ [B,H,K,f]
+        torch.matmul(_t(x2), lr.unsqueeze(-1) * grad2),  # (lr x2)^T grad2: [B,H,4f,K] @ [B,H,K,f]
         torch.matmul(lr_row, grad2),
     ]
     if pending is not None:
         updates = [u + p for u, p in zip(updates, pending)]
-    cache = (z1k, x2, grad2, ln_cache, gelu1, gelu2, back2, grad1, z1_bar, x2_bar, scores2, attn2, lr_x2, seen1, seen2)
+    cache = (z1k, s1, grad2, ln_cache, back2, grad1, z1_bar, s1_bar, scores2, seen1, seen2)
     return z_bar, tuple(updates), cache
 
 
 def mlp_bwd(cache, d_z_bar, d_u, q, k, eta, attn1, lr_k, lr, eta_col, ln_w, W1, W2, pending):
     """Grads of :func:`mlp_fwd`'s inputs given those of z_bar and the updates."""
-    z1k, x2, grad2, ln_cache, gelu1, gelu2, back2, grad1, z1_bar, x2_bar, scores2, attn2, lr_x2, seen1, seen2 = cache
+    z1k, s1, grad2, ln_cache, back2, grad1, z1_bar, s1_bar, scores2, seen1, seen2 = cache
+    # Cheaper to recompute than to keep (keeping costs fresh pages).
+    x2, x2_bar, attn2 = z1k * s1, z1_bar * s1_bar, eta * scores2
     d_uw1, d_ub1, d_uw2, d_ub2 = d_u
     lr_col = lr.unsqueeze(-1)
     # The updates: U_W1 = lr_k^T grad1, U_b1 = lr^T grad1, U_W2 = (lr x2)^T grad2, U_b2 = lr^T grad2.
-    d_grad1 = torch.matmul(lr_k, d_uw1) + lr_col * d_ub1
+    d_grad1 = _addmm(lr_col * d_ub1, lr_k, d_uw1)
     d_lr_k = torch.matmul(grad1, _t(d_uw1))
     d_lr_x2 = torch.matmul(grad2, _t(d_uw2))  # [B,H,K,f] @ [B,H,f,4f]
-    d_grad2 = torch.matmul(lr_x2, d_uw2) + lr_col * d_ub2
+    d_grad2 = _addmm(d_ub2, x2, d_uw2).mul_(lr_col)  # lr * (x2 dU_W2 + dU_b2)
     d_lr = (grad1 * d_ub1).sum(-1) + (grad2 * d_ub2).sum(-1) + (d_lr_x2 * x2).sum(-1)
     d_x2 = lr_col * d_lr_x2
     # z_bar = x2_bar W2 + b2 - attn2 grad2 (- eta_col * seen2)
     d_x2_bar = torch.matmul(d_z_bar, _t(W2))
     d_W2 = torch.matmul(_t(x2_bar), d_z_bar)
     d_b2 = _sum_rows(d_z_bar)
-    d_attn2 = -torch.matmul(d_z_bar, _t(grad2))
-    d_grad2 = d_grad2 - torch.matmul(_t(attn2), d_z_bar)
+    d_attn2 = torch.matmul(d_z_bar, _t(grad2)).neg_()
+    _addmm_(d_grad2, _t(attn2), d_z_bar, alpha=-1.0)
     d_eta_col, d_pending = None, None
     if pending is not None:
         d_eta_col = -(d_z_bar * seen2).sum(dim=-1, keepdim=True)
         d_seen2 = -eta_col * d_z_bar
-        d_x2_bar = d_x2_bar + torch.matmul(d_seen2, _t(pending[2]))
+        _addmm_(d_x2_bar, d_seen2, _t(pending[2]))
         d_pw2, d_pb2 = torch.matmul(_t(x2_bar), d_seen2), _sum_rows(d_seen2)
     # attn2 = eta * (x2_bar x2^T + 1)
     d_eta = d_attn2 * scores2
-    d_scores2 = d_attn2 * eta
-    d_x2_bar = d_x2_bar + torch.matmul(d_scores2, x2)
-    d_x2 = d_x2 + torch.matmul(_t(d_scores2), x2_bar)
+    d_scores2 = d_attn2.mul_(eta)
+    _addmm_(d_x2_bar, d_scores2, x2)
+    _addmm_(d_x2, _t(d_scores2), x2_bar)
     # x2_bar = gelu(z1_bar); z1_bar = q W1 + b1 - attn1 grad1 (- eta_col * seen1)
-    d_z1_bar = d_x2_bar * gelu_tanh_grads(z1_bar)[0]
+    d_z1_bar = d_x2_bar.mul_(gelu_tanh_slope(z1_bar, s1_bar))
     d_q = torch.matmul(d_z1_bar, _t(W1))
-    d_W1 = torch.matmul(_t(q), d_z1_bar)
     d_b1 = _sum_rows(d_z1_bar)
-    d_attn1 = -torch.matmul(d_z1_bar, _t(grad1))
-    d_grad1 = d_grad1 - torch.matmul(_t(attn1), d_z1_bar)
+    d_attn1 = torch.matmul(d_z1_bar, _t(grad1)).neg_()
+    _addmm_(d_grad1, _t(attn1), d_z1_bar, alpha=-1.0)
     if pending is not None:
         d_eta_col = d_eta_col - (d_z1_bar * seen1).sum(dim=-1, keepdim=True)
         d_seen1 = -eta_col * d_z1_bar
-        d_q = d_q + torch.matmul(d_seen1, _t(pending[0]))
-        d_pending = (
-            d_uw1 + torch.matmul(_t(q), d_seen1),
-            d_ub1 + _sum_rows(d_seen1),
-            d_uw2 + d_pw2,
-            d_ub2 + d_pb2,
-        )
+        _addmm_(d_q, d_seen1, _t(pending[0]))
+        d_pending = (_addmm(d_uw1, _t(q), d_seen1), d_ub1 + _sum_rows(d_seen1), d_uw2 + d_pw2, d_ub2 + d_pb2)
     # grad1 = (grad2 W2^T) * gelu'(z1k)
-    d_back2 = d_grad1 * gelu1
-    d_z1k = d_grad1 * back2 * gelu2
-    d_grad2 = d_grad2 + torch.matmul(d_back2, W2)  # [B,H,K,4f] @ [B,H,4f,f]
-    d_W2 = d_W2 + torch.matmul(_t(d_back2), grad2)  # [B,H,4f,K] @ [B,H,K,f]
+    slope1, curvature1 = gelu_tanh_slope_and_curvature(z1k, s1)
+    d_back2 = d_grad1 * slope1
+    d_z1k = (d_grad1 * back2).mul_(curvature1)
+    _addmm_(d_grad2, d_back2, W2)  # [B,H,K,4f] @ [B,H,4f,f]
+    _addmm_(d_W2, _t(d_back2), grad2)  # [B,H,4f,K] @ [B,H,K,f]
     # grad2 = LN-L2 grad of z2 = x2 W2 + b2; x2 = gelu(z1k); z1k = k W1 + b1
     d_z2, d_target, d_ln_w, d_ln_b = ln_l2_grad_bwd(ln_cache, d_grad2, ln_w)
-    d_x2 = d_x2 + torch.matmul(d_z2, _t(W2))
-    d_W2 = d_W2 + torch.matmul(_t(x2), d_z2)
+    _addmm_(d_x2, d_z2, _t(W2))
+    _addmm_(d_W2, _t(x2), d_z2)
     d_b2 = d_b2 + _sum_rows(d_z2)
-    d_z1k = d_z1k + d_x2 * gelu1
+    d_z1k.addcmul_(d_x2, slope1)
     d_k = torch.matmul(d_z1k, _t(W1))
-    d_W1 = d_W1 + torch.matmul(_t(k), d_z1k)
+    d_W1 = _addmm_(torch.matmul(_t(q), d_z1_bar), _t(k), d_z1k)
     d_b1 = d_b1 + _sum_rows(d_z1k)
     inputs = dict(
         q=d_q, k=d_k, target=d_target, eta=d_eta, attn1=d_attn1, lr_k=d_lr_k, lr=d_lr, ln_w=d_ln_w, ln_b=d_ln_b
