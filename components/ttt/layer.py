@@ -64,6 +64,7 @@ class _TTTBase(nn.Module):
         rope_base: float = 10000.0,
         use_gate: bool = False,
         checkpoint_group_size: int = 0,
+        chunk_size: int = 16384,
         impl: str = "dual",
     ):
         super().__init__()
@@ -76,6 +77,8 @@ class _TTTBase(nn.Module):
             raise ValueError(f"mini_batch_size must be >= 1, got {mini_batch_size}")
         if checkpoint_group_size < 0:
             raise ValueError(f"checkpoint_group_size must be >= 0 (0 = off), got {checkpoint_group_size}")
+        if chunk_size < 0 or chunk_size % mini_batch_size != 0:
+            raise ValueError(f"chunk_size must be 0 (off) or a multiple of mini_batch_size={mini_batch_size}, got {chunk_size}")
         if impl not in _OPS:
             raise ValueError(f"impl={impl!r}; expected one of {sorted(_OPS)}")
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
@@ -84,6 +87,7 @@ class _TTTBase(nn.Module):
         self.rope_base = rope_base
         self.use_gate = use_gate
         self.checkpoint_group_size = checkpoint_group_size
+        self.chunk_size = chunk_size
         self.impl = impl
 
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=False)
@@ -182,10 +186,25 @@ class _TTTBase(nn.Module):
         """
         lengths = self._check_inputs(x, state, mask)
         dtype = self._inner_dtype()
+        if state is None:
+            state = self.init_state(x.shape[0])
+        T, C = x.shape[1], self.chunk_size
+        if C == 0 or T <= C:
+            return self._forward_chunk(x, state, mask, lengths, dtype)
+        # Long inputs go through in chunks with the state carried (exact, by the streaming
+        # contract): temporaries stay chunk-sized, which the allocator reuses instead of
+        # mapping fresh pages for every full-length tensor.
+        outs = []
+        for start in range(0, T, C):
+            chunk_mask = None if mask is None else mask[:, start : start + C]
+            chunk_lengths = (lengths - start).clamp(0, min(C, T - start))
+            y, state = self._forward_chunk(x[:, start : start + C], state, chunk_mask, chunk_lengths, dtype)
+            outs.append(y)
+        return torch.cat(outs, dim=1), state
+
+    def _forward_chunk(self, x: Tensor, state: TTTState, mask: Optional[Tensor], lengths: Tensor, dtype: torch.dtype):
         B, T, D = x.shape
         H, f, K = self.num_heads, self.head_dim, self.mini_batch_size
-        if state is None:
-            state = self.init_state(B)
         if mask is not None:
             # Zero the padding first, so that even NaN or inf there cannot reach a gradient.
             x = torch.where(mask.unsqueeze(-1), x, 0.0)
@@ -232,6 +251,10 @@ class TTTLinear(_TTTBase):
         use_gate: multiply the output by ``gelu_tanh(g_proj(x))`` before ``o_proj``.
         checkpoint_group_size: recompute the scan in backward in groups of this many
             mini-batches (0: store it).
+        chunk_size: inputs longer than this many tokens are processed in chunks of it with
+            the state carried; same result, smaller temporaries (0: one piece). On CPU,
+            glibc maps every tensor over 32 MiB afresh (page faults on each use); at D=512
+            16384 tokens keep per-token time flat from 4k to 64k (benchmarks/ttt_layer.py).
         impl: ``"dual"`` (fast) or ``"naive"`` (token-by-token reference, for tests).
     """
 

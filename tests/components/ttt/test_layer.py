@@ -221,3 +221,30 @@ def test_state_of_the_wrong_kind_or_size_is_refused(cls):
         layer(torch.randn(2, 8, D), state=other.init_state(2))
     with pytest.raises(ValueError, match="state is for 3 streams"):
         layer(torch.randn(2, 8, D), state=layer.init_state(3))
+
+
+@pytest.mark.parametrize("cls", LAYERS, ids=lambda c: c.__name__)
+def test_internal_chunking_gives_the_same_outputs_state_and_gradients(cls):
+    """A layer that splits long inputs into chunks (padding crossing chunk borders) matches one
+    that does not, on outputs, state and every gradient."""
+    whole = _perturbed(cls, torch.float64, mini_batch_size=16, chunk_size=0, use_gate=True)
+    chunked = _perturbed(cls, torch.float64, mini_batch_size=16, chunk_size=32, use_gate=True)
+    chunked.load_state_dict(whole.state_dict())
+    x = torch.randn(3, 100, D, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    mask = torch.arange(100) < torch.tensor([[100], [40], [5]])
+    results = []
+    for layer in (whole, chunked):
+        xg = x.clone().requires_grad_()
+        _, state = layer(x[:, :7])  # start inside a mini-batch
+        y, state = layer(xg, state=state, mask=mask)
+        grads = torch.autograd.grad((y * x).sum() + state.W1.sum(), [xg] + list(layer.parameters()))
+        results.append((y.detach(), state.detach(), grads))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-10, atol=1e-10)
+    _assert_states_close(results[1][1], results[0][1], rtol=1e-10, atol=1e-10)
+    for a, b in zip(results[1][2], results[0][2]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_chunk_size_must_be_a_multiple_of_the_mini_batch():
+    with pytest.raises(ValueError, match="chunk_size must be 0"):
+        TTTLinear(D, H, mini_batch_size=16, chunk_size=40)
