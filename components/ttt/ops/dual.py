@@ -22,12 +22,12 @@ import math
 from typing import List, NamedTuple, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from components.ttt.ops.common import LN_EPS, check_op_args
-from components.ttt.ops.dual_steps import linear_bwd, linear_fwd, mlp_bwd, mlp_fwd
+from components.ttt.ops.common import check_op_args
+from components.ttt.ops.dual_steps import linear_bwd, linear_fwd, ln_bwd, ln_fwd, mlp_bwd, mlp_fwd
 from components.ttt.state import TTTState
 
 # Per mini-batch: True when every row completes it, False when none does, else a [B] mask.
@@ -124,11 +124,11 @@ def _step_inputs_bwd(grads: dict, q: Tensor, k: Tensor, lr: Tensor, token_eta: T
     return d_q, d_k, grads["target"], d_lr, d_token_eta
 
 
-def _scan(mlp, q, k, v, lr, token_eta, ln_w, ln_b, weights, pending, completions, z_bars=None, keep=False):
-    """Runs mini-batches ``0..len(q)-1`` from the given carry; writes z_bar into ``z_bars``.
+def _scan(mlp, q, k, v, lr, token_eta, ln_w, ln_b, weights, pending, completions, out=None, keep=False):
+    """Runs mini-batches ``0..len(q)-1`` from the given carry; writes ``q + LN(z_bar)`` into ``out``.
 
     Returns ``(weights, pending, kept)``; with ``keep``, ``kept`` holds for each step what its
-    backward needs: ``(weights, pending, updates, cache, step_inputs)``.
+    backward needs: ``(weights, pending, updates, cache, step_inputs, z_bar)``.
     """
     eta_col, eta_last = token_eta.view(-1, 1), token_eta[-1]
     kept = []
@@ -142,15 +142,15 @@ def _scan(mlp, q, k, v, lr, token_eta, ln_w, ln_b, weights, pending, completions
             z_bar, updates, cache = linear_fwd(
                 q[m], k[m], pre.target, pre.attn1, pre.lr_k, lr[m], eta_col, ln_w, ln_b, *weights, pending
             )
-        if z_bars is not None:
-            z_bars[m] = z_bar
+        if out is not None:
+            torch.add(q[m], ln_fwd(z_bar, ln_w, ln_b), out=out[m])
         if keep:
-            kept.append((weights, pending, updates, cache, pre))
+            kept.append((weights, pending, updates, cache, pre, z_bar))
         weights, pending = _advance(weights, updates, eta_last, completions[m])
     return weights, pending, kept
 
 
-def _scan_bwd(mlp, kept, d_z_bar, d_weights, d_pending, q, k, lr, token_eta, ln_w, completions, grads_out):
+def _scan_bwd(mlp, kept, d_out, d_weights, d_pending, q, k, lr, token_eta, ln_w, completions, grads_out):
     """Walks ``kept`` backwards; writes grads of q, k, v, lr into ``grads_out`` and returns the
     grads of the carry at the start plus those of token_eta, ln_w and ln_b."""
     eta_col, eta_last = token_eta.view(-1, 1), token_eta[-1]
@@ -158,20 +158,22 @@ def _scan_bwd(mlp, kept, d_z_bar, d_weights, d_pending, q, k, lr, token_eta, ln_
     d_token_eta = torch.zeros_like(token_eta)
     d_ln_w = d_ln_b = 0.0
     for m in reversed(range(len(kept))):
-        weights, pending, updates, cache, pre = kept[m]
+        weights, pending, updates, cache, pre, z_bar = kept[m]
+        d_z_bar, d_ln_w_out, d_ln_b_out = ln_bwd(z_bar, d_out[m], ln_w)
         d_updates, d_eta_last = _advance_bwd(d_weights, d_pending, updates, eta_last, completions[m])
         if mlp:
             step, d_w, d_pending, d_eta_col = mlp_bwd(
-                cache, d_z_bar[m], d_updates, q[m], k[m], pre.eta, pre.attn1, pre.lr_k, lr[m], eta_col, ln_w,
+                cache, d_z_bar, d_updates, q[m], k[m], pre.eta, pre.attn1, pre.lr_k, lr[m], eta_col, ln_w,
                 weights[0], weights[2], pending,
             )
         else:
             step, d_w, d_pending, d_eta_col = linear_bwd(
-                cache, d_z_bar[m], d_updates, q[m], k[m], pre.attn1, pre.lr_k, lr[m], eta_col, ln_w, weights[0], pending
+                cache, d_z_bar, d_updates, q[m], k[m], pre.attn1, pre.lr_k, lr[m], eta_col, ln_w, weights[0], pending
             )
         d_weights = tuple(a + b for a, b in zip(d_weights, d_w))
-        d_ln_w = d_ln_w + step.pop("ln_w").sum(dim=(0, 2))  # [B,H,K,f] -> [H,f]
-        d_ln_b = d_ln_b + step.pop("ln_b").sum(dim=(0, 2))
+        d_ln_w = d_ln_w + (step.pop("ln_w") + d_ln_w_out).sum(dim=(0, 2))  # [B,H,K,f] -> [H,f]
+        d_ln_b = d_ln_b + (step.pop("ln_b") + d_ln_b_out).sum(dim=(0, 2))
+        step["q"] = step["q"] + d_out[m]  # the residual of out = q + LN(z_bar)
         d_q[m], d_k[m], d_v[m], d_lr[m], d_te = _step_inputs_bwd(step, q[m], k[m], lr[m], token_eta, pre)
         d_token_eta = d_token_eta + d_te
         d_token_eta[-1] += d_eta_last
@@ -194,14 +196,14 @@ class _DualScan(torch.autograd.Function):
         n_w = 4 if mlp else 2
         weights, pending = tuple(carry[:n_w]), (tuple(carry[n_w:]) or None)
         n = q.shape[0]
-        z_bars = torch.empty_like(q)
+        out = torch.empty_like(q)
         starts, kept = [], []
         for s in range(0, n, segment):
             e = min(s + segment, n)
             starts.append((weights, pending))
             weights, pending, seg_kept = _scan(
                 mlp, q[s:e], k[s:e], v[s:e], lr[s:e], token_eta, ln_w, ln_b, weights, pending, completions[s:e],
-                z_bars=z_bars[s:e], keep=segment == n,
+                out=out[s:e], keep=segment == n,
             )
             kept += seg_kept
         leaves, ctx.spec = tree_flatten((starts, kept))
@@ -210,13 +212,14 @@ class _DualScan(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, lr, token_eta, ln_w, ln_b, *(leaves[i] for i in ctx.tensor_slots))
         ctx.mlp, ctx.completions, ctx.segment, ctx.n_w = mlp, completions, segment, n_w
         ctx.initial_pending, ctx.final_pending = len(carry) > n_w, pending is not None
-        out = weights + (pending if pending is not None else ())
+        carry_out = weights + (pending if pending is not None else ())
         # A weight that no mini-batch moved is still the input tensor; outputs must be new tensors.
-        out = tuple(t.clone() if any(t is c for c in carry) else t for t in out)
-        return (z_bars,) + out
+        carry_out = tuple(t.clone() if any(t is c for c in carry) else t for t in carry_out)
+        return (out,) + carry_out
 
     @staticmethod
-    def backward(ctx, d_z_bar, *d_carry):
+    @once_differentiable
+    def backward(ctx, d_out, *d_carry):
         q, k, v, lr, token_eta, ln_w, ln_b, *saved = ctx.saved_tensors
         leaves = list(ctx.other_leaves)
         for slot, tensor in zip(ctx.tensor_slots, saved):
@@ -239,7 +242,7 @@ class _DualScan(torch.autograd.Function):
             else:
                 seg_kept = kept
             d_weights, d_pending, d_te, d_w, d_b = _scan_bwd(
-                mlp, seg_kept, d_z_bar[s:e], d_weights, d_pending, q[s:e], k[s:e], lr[s:e], token_eta, ln_w,
+                mlp, seg_kept, d_out[s:e], d_weights, d_pending, q[s:e], k[s:e], lr[s:e], token_eta, ln_w,
                 ctx.completions[s:e], tuple(g[s:e] for g in grads_out),
             )
             d_token_eta += d_te
@@ -304,13 +307,11 @@ def ttt_dual(
         inside = (state.offset > 0).view(B, 1, 1, 1)  # rows at a boundary have nothing pending
         pending = tuple(torch.where(inside, G, 0.0) for G in state.grads())
     segment = checkpoint_group_size if 0 < checkpoint_group_size < n else n
-    z_bar, *carry = _DualScan.apply(
+    out_grid, *carry = _DualScan.apply(
         state.is_mlp, completions, segment, q, k, v, lr_grid, token_eta, ln_w, ln_b, *weights, *(pending or ())
     )
     new_weights = tuple(carry[: len(weights)])
     new_grads = tuple(carry[len(weights) :]) or tuple(torch.zeros_like(w) for w in new_weights)
-    # [n,B,H,K,f]: LN over f with per-head affine
-    out_grid = q + F.layer_norm(z_bar, (f,), eps=LN_EPS) * ln_w + ln_b
     out = out_grid.reshape(n * B * H * K, f).index_select(0, from_grid).view(B, T, H, f)
     if any(L < T for L in lens):
         out = torch.where((torch.arange(T, device=xq.device) < lengths.view(B, 1)).view(B, T, 1, 1), out, 0.0)

@@ -100,6 +100,25 @@ def ln_l2_grad_bwd(cache, d_out: Tensor, ln_w: Tensor):
     return d_z, -d_err, d_ln_w, d_err
 
 
+def ln_fwd(z: Tensor, ln_w: Tensor, ln_b: Tensor) -> Tensor:
+    """The TTT-LayerNorm: over the last dim, per-head affine ``[H, 1, f]``."""
+    z_hat = z - z.mean(dim=-1, keepdim=True)
+    z_hat.mul_(z_hat.pow(2).mean(dim=-1, keepdim=True).add_(LN_EPS).rsqrt_())
+    return torch.addcmul(ln_b, z_hat, ln_w)
+
+
+def ln_bwd(z: Tensor, d_y: Tensor, ln_w: Tensor):
+    """Backward of :func:`ln_fwd` from its input: grads w.r.t. z and the per-element
+    contributions to ln_w and ln_b."""
+    z_hat = z - z.mean(dim=-1, keepdim=True)
+    rstd = z_hat.pow(2).mean(dim=-1, keepdim=True).add_(LN_EPS).rsqrt_()
+    z_hat.mul_(rstd)
+    d_z_hat = d_y * ln_w
+    m = (d_z_hat * z_hat).mean(dim=-1, keepdim=True)
+    d_z = (d_z_hat - d_z_hat.mean(dim=-1, keepdim=True)).addcmul_(z_hat, m, value=-1.0).mul_(rstd)
+    return d_z, d_y * z_hat, d_y
+
+
 def _t(x: Tensor) -> Tensor:
     return x.transpose(-1, -2)
 
