@@ -31,25 +31,6 @@ INNER_PARAMS = (
 _OPS = {"dual": ttt_dual, "naive": ttt_naive}
 
 
-def rope_rotate(x: Tensor, positions: Tensor, base: float) -> Tensor:
-    """Rotates interleaved pairs ``(x[2i], x[2i+1])`` by ``position * base^(-2i/f)``.
-
-    This is what the reference computes with ``permute_qk`` + half-split ``rotate_half`` +
-    ``undo_permute_qk``; it is also torchtune's (Meta's) pairing.
-
-    Args:
-        x: ``[B, T, H, f]``.
-        positions: ``[B, T]`` integer positions.
-    """
-    f = x.shape[-1]
-    inv_freq = 1.0 / (base ** (torch.arange(0, f, 2, device=x.device, dtype=torch.int64).float() / f))
-    angle = (positions.unsqueeze(-1).float() * inv_freq).to(x.dtype)  # [B,T,f/2]
-    cos, sin = angle.cos().unsqueeze(2), angle.sin().unsqueeze(2)  # [B,T,1,f/2]
-    pairs = x.unflatten(-1, (f // 2, 2))  # [B,T,H,f/2,2]
-    even, odd = pairs[..., 0], pairs[..., 1]
-    return torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).flatten(-2)
-
-
 class _TTTBase(nn.Module):
     """Shared body of :class:`TTTLinear` and :class:`TTTMLP`; see those for the arguments."""
 
@@ -211,15 +192,13 @@ class _TTTBase(nn.Module):
         # [B,T,D] -> [B,T,H,f]; under autocast these matmuls run in the autocast dtype.
         xq, xk, xv = (proj(x).unflatten(-1, (H, f)) for proj in (self.q_proj, self.k_proj, self.v_proj))
         with torch.autocast(device_type=x.device.type, enabled=False):
-            positions = (state.offset.view(B, 1) + torch.arange(T, device=x.device)) % K  # [B,T]
-            xq = rope_rotate(xq.to(dtype), positions, self.rope_base)
-            xk = rope_rotate(xk.to(dtype), positions, self.rope_base)
             # [B,T,D] . [H,1,D] -> [B,T,H]: each token's inner learning rate, per head
             lr_logits = torch.einsum("btd,hd->bth", x.to(dtype), self.learnable_ttt_lr_weight.squeeze(1))
             lr = self.base_lr * torch.sigmoid(lr_logits + self.learnable_ttt_lr_bias.view(H)) / f
             token_idx = 1.0 / torch.arange(1, K + 1, device=x.device, dtype=dtype)
             token_eta = torch.clamp_min(token_idx + self.learnable_token_idx, 0.0)  # [K]
-            op_args = (xq, xk, xv.to(dtype), lr, token_eta, self.ttt_norm_weight, self.ttt_norm_bias, state, lengths)
+            op_args = (xq.to(dtype), xk.to(dtype), xv.to(dtype), lr, token_eta, self.ttt_norm_weight, self.ttt_norm_bias)
+            op_args += (state, lengths, self.rope_base)
             if self.impl == "dual":
                 out, state = ttt_dual(*op_args, checkpoint_group_size=self.checkpoint_group_size)
             else:

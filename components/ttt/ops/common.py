@@ -52,6 +52,25 @@ def gelu_tanh_grad(x: Tensor) -> Tensor:
     return 0.5 * (1.0 + tanh_inner) + 0.5 * x * (1.0 - tanh_inner * tanh_inner) * d_inner
 
 
+def rope_angles(positions: Tensor, head_dim: int, base: float, dtype: torch.dtype) -> Tensor:
+    """RoPE angles ``position * base^(-2i/f)``: ``[...]`` integer positions -> ``[..., f/2]``.
+    The frequencies are computed in float32, as the reference does."""
+    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.int64).float() / head_dim
+    return (positions.unsqueeze(-1).float() * (1.0 / base**exponents)).to(dtype)
+
+
+def rope_rotate(x: Tensor, angles: Tensor) -> Tensor:
+    """Rotates interleaved pairs ``(x[2i], x[2i+1])`` of ``x [..., f]`` by ``angles [..., f/2]``.
+
+    This is what the reference computes with ``permute_qk`` + half-split ``rotate_half`` +
+    ``undo_permute_qk``; it is also torchtune's (Meta's) pairing.
+    """
+    pairs = x.unflatten(-1, (x.shape[-1] // 2, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    cos, sin = angles.cos(), angles.sin()
+    return torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).flatten(-2)
+
+
 def check_op_args(xq: Tensor, xk: Tensor, xv: Tensor, lr: Tensor, token_eta: Tensor, state: TTTState, lengths: Tensor):
     """Raises a ValueError naming the argument whose shape or dtype does not fit the others."""
     B, T, H, f = xq.shape

@@ -26,8 +26,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from components.ttt.ops.common import check_op_args
-from components.ttt.ops.dual_steps import linear_bwd, linear_fwd, ln_bwd, ln_fwd, mlp_bwd, mlp_fwd
+from components.ttt.ops.common import check_op_args, rope_angles
+from components.ttt.ops.dual_steps import _addmm_, linear_bwd, linear_fwd, ln_bwd, ln_fwd, mlp_bwd, mlp_fwd
 from components.ttt.state import TTTState
 
 # Per mini-batch: True when every row completes it, False when none does, else a [B] mask.
@@ -96,36 +96,55 @@ def _advance_bwd(d_weights: tuple, d_pending: Optional[tuple], updates: tuple, e
 class _StepInputs(NamedTuple):
     """What a mini-batch needs that does not depend on the fast weights (``[B, H, ...]``)."""
 
-    target: Tensor  # v - k, [B,H,K,f]
+    lr: Tensor  # [B,H,K], contiguous
+    q: Tensor  # queries after RoPE, [B,H,K,f]
+    k: Tensor  # keys after RoPE
+    target: Tensor  # v - k
     eta: Tensor  # tril(token_eta_i * lr_j), [B,H,K,K]
     scores1: Tensor  # q k^T + 1, [B,H,K,K]
     attn1: Tensor  # eta * scores1
     lr_k: Tensor  # lr * k, [B,H,K,f]
 
 
-def _step_inputs(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, token_eta: Tensor) -> _StepInputs:
+def _rope_factors(K: int, f: int, base: float, dtype: torch.dtype, device) -> Tensor:
+    """``exp(i * angle)`` for mini-batch slots 0..K-1: ``[K, f/2]`` complex. On the grid, a slot's
+    RoPE position is its index in the mini-batch."""
+    angles = rope_angles(torch.arange(K, device=device), f, base, dtype)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def _rotate(x: Tensor, factors: Tensor) -> Tensor:
+    """Rotates interleaved pairs of ``x [B,H,K,f]`` by complex ``factors [K, f/2]``."""
+    return torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * factors).flatten(-2)
+
+
+def _step_inputs(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, token_eta: Tensor, rope: Tensor) -> _StepInputs:
     K = q.shape[-2]
+    q, k = _rotate(q, rope), _rotate(k, rope)
     eta = torch.tril(token_eta.view(K, 1) * lr.unsqueeze(-2))  # [K,1] * [B,H,1,K] -> [B,H,K,K]
-    scores1 = torch.matmul(q, k.transpose(-1, -2)) + 1.0  # [B,H,K,f] @ [B,H,f,K]
-    return _StepInputs(v - k, eta, scores1, eta * scores1, lr.unsqueeze(-1) * k)
+    scores1 = torch.matmul(q, k.transpose(-1, -2)).add_(1.0)  # [B,H,K,f] @ [B,H,f,K]
+    return _StepInputs(lr, q, k, v - k, eta, scores1, eta * scores1, lr.unsqueeze(-1) * k)
 
 
-def _step_inputs_bwd(grads: dict, q: Tensor, k: Tensor, lr: Tensor, token_eta: Tensor, pre: _StepInputs):
-    """Turns grads of a step's inputs into grads of q, k, v, lr and token_eta."""
+def _step_inputs_bwd(grads: dict, lr: Tensor, token_eta: Tensor, rope: Tensor, pre: _StepInputs):
+    """Turns grads of a step's inputs into grads of q, k, v (before RoPE), lr and token_eta."""
     d_eta = grads["attn1"] * pre.scores1
     if "eta" in grads:
         d_eta = d_eta + grads["eta"]
     d_eta = torch.tril(d_eta)
     d_scores1 = grads["attn1"] * pre.eta
-    d_q = grads["q"] + torch.matmul(d_scores1, k)  # [B,H,K,K] @ [B,H,K,f]
-    d_k = grads["k"] - grads["target"] + lr.unsqueeze(-1) * grads["lr_k"] + torch.matmul(d_scores1.transpose(-1, -2), q)
-    d_lr = grads["lr"] + (grads["lr_k"] * k).sum(-1) + (d_eta * token_eta.view(-1, 1)).sum(-2)
+    d_q = _addmm_(grads["q"], d_scores1, pre.k)  # [B,H,K,K] @ [B,H,K,f]
+    d_k = (grads["k"] - grads["target"]).addcmul_(lr.unsqueeze(-1), grads["lr_k"])
+    _addmm_(d_k, d_scores1.transpose(-1, -2), pre.q)
+    d_lr = grads["lr"] + (grads["lr_k"] * pre.k).sum(-1) + (d_eta * token_eta.view(-1, 1)).sum(-2)
     d_token_eta = (d_eta * lr.unsqueeze(-2)).sum(dim=(0, 1, 3))
-    return d_q, d_k, grads["target"], d_lr, d_token_eta
+    back = rope.conj()
+    return _rotate(d_q, back), _rotate(d_k, back), grads["target"], d_lr, d_token_eta
 
 
-def _scan(mlp, q, k, v, lr, token_eta, ln_w, ln_b, weights, pending, completions, out=None, keep=False):
-    """Runs mini-batches ``0..len(q)-1`` from the given carry; writes ``q + LN(z_bar)`` into ``out``.
+def _scan(mlp, q, k, v, lr, token_eta, ln_w, ln_b, rope, weights, pending, completions, out=None, keep=False):
+    """Runs mini-batches ``0..len(q)-1`` from the given carry; writes ``q + LN(z_bar)`` into ``out``
+    (q after RoPE).
 
     Returns ``(weights, pending, kept)``; with ``keep``, ``kept`` holds for each step what its
     backward needs: ``(weights, pending, updates, cache, step_inputs, z_bar)``.
@@ -133,24 +152,24 @@ def _scan(mlp, q, k, v, lr, token_eta, ln_w, ln_b, weights, pending, completions
     eta_col, eta_last = token_eta.view(-1, 1), token_eta[-1]
     kept = []
     for m in range(q.shape[0]):
-        pre = _step_inputs(q[m], k[m], v[m], lr[m], token_eta)
+        pre = _step_inputs(q[m], k[m], v[m], lr[m].contiguous(), token_eta, rope)
         if mlp:
             z_bar, updates, cache = mlp_fwd(
-                q[m], k[m], pre.target, pre.eta, pre.attn1, pre.lr_k, lr[m], eta_col, ln_w, ln_b, *weights, pending
+                pre.q, pre.k, pre.target, pre.eta, pre.attn1, pre.lr_k, pre.lr, eta_col, ln_w, ln_b, *weights, pending
             )
         else:
             z_bar, updates, cache = linear_fwd(
-                q[m], k[m], pre.target, pre.attn1, pre.lr_k, lr[m], eta_col, ln_w, ln_b, *weights, pending
+                pre.q, pre.k, pre.target, pre.attn1, pre.lr_k, pre.lr, eta_col, ln_w, ln_b, *weights, pending
             )
         if out is not None:
-            torch.add(q[m], ln_fwd(z_bar, ln_w, ln_b), out=out[m])
+            torch.add(pre.q, ln_fwd(z_bar, ln_w, ln_b), out=out[m])
         if keep:
             kept.append((weights, pending, updates, cache, pre, z_bar))
         weights, pending = _advance(weights, updates, eta_last, completions[m])
     return weights, pending, kept
 
 
-def _scan_bwd(mlp, kept, d_out, d_weights, d_pending, q, k, lr, token_eta, ln_w, completions, grads_out):
+def _scan_bwd(mlp, kept, d_out, d_weights, d_pending, token_eta, ln_w, rope, completions, grads_out):
     """Walks ``kept`` backwards; writes grads of q, k, v, lr into ``grads_out`` and returns the
     grads of the carry at the start plus those of token_eta, ln_w and ln_b."""
     eta_col, eta_last = token_eta.view(-1, 1), token_eta[-1]
@@ -159,22 +178,23 @@ def _scan_bwd(mlp, kept, d_out, d_weights, d_pending, q, k, lr, token_eta, ln_w,
     d_ln_w = d_ln_b = 0.0
     for m in reversed(range(len(kept))):
         weights, pending, updates, cache, pre, z_bar = kept[m]
-        d_z_bar, d_ln_w_out, d_ln_b_out = ln_bwd(z_bar, d_out[m], ln_w)
+        d_out_m = d_out[m].contiguous()
+        d_z_bar, d_ln_w_out, d_ln_b_out = ln_bwd(z_bar, d_out_m, ln_w)
         d_updates, d_eta_last = _advance_bwd(d_weights, d_pending, updates, eta_last, completions[m])
         if mlp:
             step, d_w, d_pending, d_eta_col = mlp_bwd(
-                cache, d_z_bar, d_updates, q[m], k[m], pre.eta, pre.attn1, pre.lr_k, lr[m], eta_col, ln_w,
+                cache, d_z_bar, d_updates, pre.q, pre.k, pre.eta, pre.attn1, pre.lr_k, pre.lr, eta_col, ln_w,
                 weights[0], weights[2], pending,
             )
         else:
             step, d_w, d_pending, d_eta_col = linear_bwd(
-                cache, d_z_bar, d_updates, q[m], k[m], pre.attn1, pre.lr_k, lr[m], eta_col, ln_w, weights[0], pending
+                cache, d_z_bar, d_updates, pre.q, pre.k, pre.attn1, pre.lr_k, pre.lr, eta_col, ln_w, weights[0], pending
             )
         d_weights = tuple(a + b for a, b in zip(d_weights, d_w))
         d_ln_w = d_ln_w + (step.pop("ln_w") + d_ln_w_out).sum(dim=(0, 2))  # [B,H,K,f] -> [H,f]
         d_ln_b = d_ln_b + (step.pop("ln_b") + d_ln_b_out).sum(dim=(0, 2))
-        step["q"] = step["q"] + d_out[m]  # the residual of out = q + LN(z_bar)
-        d_q[m], d_k[m], d_v[m], d_lr[m], d_te = _step_inputs_bwd(step, q[m], k[m], lr[m], token_eta, pre)
+        step["q"] = step["q"] + d_out_m  # the residual of out = q + LN(z_bar)
+        d_q[m], d_k[m], d_v[m], d_lr[m], d_te = _step_inputs_bwd(step, pre.lr, token_eta, rope, pre)
         d_token_eta = d_token_eta + d_te
         d_token_eta[-1] += d_eta_last
         if d_eta_col is not None:
@@ -192,8 +212,9 @@ class _DualScan(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, mlp, completions, segment, q, k, v, lr, token_eta, ln_w, ln_b, *carry):
+    def forward(ctx, mlp, completions, segment, rope_base, q, k, v, lr, token_eta, ln_w, ln_b, *carry):
         n_w = 4 if mlp else 2
+        rope = _rope_factors(q.shape[-2], q.shape[-1], rope_base, q.dtype, q.device)
         weights, pending = tuple(carry[:n_w]), (tuple(carry[n_w:]) or None)
         n = q.shape[0]
         out = torch.empty_like(q)
@@ -202,15 +223,15 @@ class _DualScan(torch.autograd.Function):
             e = min(s + segment, n)
             starts.append((weights, pending))
             weights, pending, seg_kept = _scan(
-                mlp, q[s:e], k[s:e], v[s:e], lr[s:e], token_eta, ln_w, ln_b, weights, pending, completions[s:e],
-                out=out[s:e], keep=segment == n,
+                mlp, q[s:e], k[s:e], v[s:e], lr[s:e], token_eta, ln_w, ln_b, rope, weights, pending,
+                completions[s:e], out=out[s:e], keep=segment == n,
             )
             kept += seg_kept
         leaves, ctx.spec = tree_flatten((starts, kept))
         ctx.tensor_slots = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
         ctx.other_leaves = [None if isinstance(leaf, Tensor) else leaf for leaf in leaves]
         ctx.save_for_backward(q, k, v, lr, token_eta, ln_w, ln_b, *(leaves[i] for i in ctx.tensor_slots))
-        ctx.mlp, ctx.completions, ctx.segment, ctx.n_w = mlp, completions, segment, n_w
+        ctx.mlp, ctx.completions, ctx.segment, ctx.n_w, ctx.rope_base = mlp, completions, segment, n_w, rope_base
         ctx.initial_pending, ctx.final_pending = len(carry) > n_w, pending is not None
         carry_out = weights + (pending if pending is not None else ())
         # A weight that no mini-batch moved is still the input tensor; outputs must be new tensors.
@@ -226,6 +247,7 @@ class _DualScan(torch.autograd.Function):
             leaves[slot] = tensor
         starts, kept = tree_unflatten(leaves, ctx.spec)
         mlp, n_w, n, segment = ctx.mlp, ctx.n_w, q.shape[0], ctx.segment
+        rope = _rope_factors(q.shape[-2], q.shape[-1], ctx.rope_base, q.dtype, q.device)
         d_weights = tuple(d_carry[:n_w])
         d_pending = tuple(d_carry[n_w:]) if ctx.final_pending else None
         grads_out = tuple(torch.empty_like(t) for t in (q, k, v, lr))
@@ -236,20 +258,20 @@ class _DualScan(torch.autograd.Function):
             if segment < n:
                 weights, pending = starts[seg]
                 _, _, seg_kept = _scan(
-                    mlp, q[s:e], k[s:e], v[s:e], lr[s:e], token_eta, ln_w, ln_b, weights, pending,
+                    mlp, q[s:e], k[s:e], v[s:e], lr[s:e], token_eta, ln_w, ln_b, rope, weights, pending,
                     ctx.completions[s:e], keep=True,
                 )
             else:
                 seg_kept = kept
             d_weights, d_pending, d_te, d_w, d_b = _scan_bwd(
-                mlp, seg_kept, d_out[s:e], d_weights, d_pending, q[s:e], k[s:e], lr[s:e], token_eta, ln_w,
+                mlp, seg_kept, d_out[s:e], d_weights, d_pending, token_eta, ln_w, rope,
                 ctx.completions[s:e], tuple(g[s:e] for g in grads_out),
             )
             d_token_eta += d_te
             d_ln_w += d_w.unsqueeze(1)
             d_ln_b += d_b.unsqueeze(1)
         d_initial = d_weights + (d_pending if ctx.initial_pending else ())
-        return (None, None, None, *grads_out, d_token_eta, d_ln_w, d_ln_b) + d_initial
+        return (None, None, None, None, *grads_out, d_token_eta, d_ln_w, d_ln_b) + d_initial
 
 
 def ttt_dual(
@@ -262,23 +284,25 @@ def ttt_dual(
     ln_bias: Tensor,
     state: TTTState,
     lengths: Tensor,
+    rope_base: float = 10000.0,
     checkpoint_group_size: int = 0,
 ) -> Tuple[Tensor, TTTState]:
     """TTT-Linear or TTT-MLP (by the state's kind) over a chunk of a stream, dual form.
 
     Args:
-        xq, xk, xv: ``[B, T, H, f]`` queries, keys, values (RoPE already applied).
+        xq, xk, xv: ``[B, T, H, f]`` queries, keys, values (before RoPE).
         lr: ``[B, T, H]`` inner learning rate of each token (``ttt_lr_eta``).
         token_eta: ``[K]`` position factor of each slot of a mini-batch of K tokens.
         ln_weight, ln_bias: ``[H, f]`` TTT-LayerNorm parameters.
         state: the state before the chunk; row b has seen ``state.offset[b]`` tokens of its
             current mini-batch.
         lengths: ``[B]`` number of real tokens of each row (right padding after them).
+        rope_base: RoPE on q and k at each token's position inside its mini-batch.
         checkpoint_group_size: when > 0 and gradients are on, recompute the scan in
             backward, in groups of this many mini-batches, instead of storing it.
 
     Returns:
-        ``(out, state)``: out ``[B, T, H, f]`` is ``xq + LN(f(xq))`` for each token with the
+        ``(out, state)``: out ``[B, T, H, f]`` is ``q + LN(f(q))`` (q after RoPE) for each token with the
         weights it sees (zero at padding); state is after each row's last real token.
     """
     check_op_args(xq, xk, xv, lr, token_eta, state, lengths)
@@ -288,16 +312,21 @@ def ttt_dual(
     if T == 0:
         return xq.clone(), state
     n = math.ceil((max(offsets) + T) / K)
-    to_grid, valid, from_grid = _grid_indices(state.offset, lengths, T, H, K, n)
+    aligned = T % K == 0 and not any(offsets) and all(L == T for L in lens)
+    if aligned:
+        # The grid is a view: [B,T,H,f] = [B,n,K,H,f] -> [n,B,H,K,f], no copies.
+        q, k, v = (x.reshape(B, n, K, H, f).permute(1, 0, 3, 2, 4) for x in (xq, xk, xv))
+        lr_grid = lr.reshape(B, n, K, H).permute(1, 0, 3, 2)
+    else:
+        to_grid, valid, from_grid = _grid_indices(state.offset, lengths, T, H, K, n)
+        all_valid = bool(valid.all())
 
-    all_valid = bool(valid.all())
+        def grid(x: Tensor) -> Tensor:  # [B,T,H,f] -> [n,B,H,K,f], zero outside real tokens
+            moved = x.reshape(B * T * H, -1).index_select(0, to_grid).view(n, B, H, K, -1)
+            return moved if all_valid else torch.where(valid.unsqueeze(-1), moved, 0.0)
 
-    def grid(x: Tensor) -> Tensor:  # [B,T,H,f] -> [n,B,H,K,f], zero outside real tokens
-        moved = x.reshape(B * T * H, -1).index_select(0, to_grid).view(n, B, H, K, -1)
-        return moved if all_valid else torch.where(valid.unsqueeze(-1), moved, 0.0)
-
-    q, k, v = grid(xq), grid(xk), grid(xv)
-    lr_grid = grid(lr.unsqueeze(-1)).squeeze(-1)  # [n,B,H,K]
+        q, k, v = grid(xq), grid(xk), grid(xv)
+        lr_grid = grid(lr.unsqueeze(-1)).squeeze(-1)  # [n,B,H,K]
     ln_w, ln_b = ln_weight.unsqueeze(1), ln_bias.unsqueeze(1)  # [H,1,f]
     completions = _completions(offsets, lens, K, n, xq.device)
 
@@ -308,11 +337,14 @@ def ttt_dual(
         pending = tuple(torch.where(inside, G, 0.0) for G in state.grads())
     segment = checkpoint_group_size if 0 < checkpoint_group_size < n else n
     out_grid, *carry = _DualScan.apply(
-        state.is_mlp, completions, segment, q, k, v, lr_grid, token_eta, ln_w, ln_b, *weights, *(pending or ())
+        state.is_mlp, completions, segment, rope_base, q, k, v, lr_grid, token_eta, ln_w, ln_b, *weights, *(pending or ())
     )
     new_weights = tuple(carry[: len(weights)])
     new_grads = tuple(carry[len(weights) :]) or tuple(torch.zeros_like(w) for w in new_weights)
-    out = out_grid.reshape(n * B * H * K, f).index_select(0, from_grid).view(B, T, H, f)
-    if any(L < T for L in lens):
-        out = torch.where((torch.arange(T, device=xq.device) < lengths.view(B, 1)).view(B, T, 1, 1), out, 0.0)
+    if aligned:
+        out = out_grid.permute(1, 0, 3, 2, 4).reshape(B, T, H, f)  # a view: out_grid keeps q's strides
+    else:
+        out = out_grid.reshape(n * B * H * K, f).index_select(0, from_grid).view(B, T, H, f)
+        if any(L < T for L in lens):
+            out = torch.where((torch.arange(T, device=xq.device) < lengths.view(B, 1)).view(B, T, 1, 1), out, 0.0)
     return out, TTTState.from_parts(new_weights, new_grads, (state.offset + lengths) % K)

@@ -64,8 +64,11 @@ def _addmm(base: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor:
 
 
 def _addmm_(base: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor:
-    """In-place ``base += alpha * a @ b`` on a contiguous tensor this code owns."""
-    base.view(-1, base.shape[-2], base.shape[-1]).baddbmm_(_bh(a), _bh(b), alpha=alpha)
+    """In-place ``base += alpha * a @ b`` on a tensor this code owns."""
+    if base.is_contiguous():
+        base.view(-1, base.shape[-2], base.shape[-1]).baddbmm_(_bh(a), _bh(b), alpha=alpha)
+    else:
+        base.copy_(_addmm(base, a, b, alpha))
     return base
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from components.ttt.ops.common import LN_EPS, check_op_args
+from components.ttt.ops.common import LN_EPS, check_op_args, rope_angles, rope_rotate
 from components.ttt.state import TTTState
 
 
@@ -39,16 +39,18 @@ def ttt_naive(
     ln_bias: Tensor,
     state: TTTState,
     lengths: Tensor,
+    rope_base: float = 10000.0,
 ) -> Tuple[Tensor, TTTState]:
     """Runs TTT token by token. Same contract as :func:`components.ttt.ops.dual.ttt_dual`.
 
     Args:
-        xq, xk, xv: ``[B, T, H, f]`` queries, keys, values (RoPE already applied).
+        xq, xk, xv: ``[B, T, H, f]`` queries, keys, values (before RoPE).
         lr: ``[B, T, H]`` inner learning rate of each token (``ttt_lr_eta``).
         token_eta: ``[K]`` position factor of each slot of a mini-batch of K tokens.
         ln_weight, ln_bias: ``[H, f]`` TTT-LayerNorm parameters.
         state: the state before the first token.
         lengths: ``[B]`` number of real tokens in each row; the rest is padding.
+        rope_base: RoPE on q and k at each token's position inside its mini-batch.
 
     Returns:
         ``(out, state)``: out ``[B, T, H, f]`` is ``xq + LN(f(xq))`` (zero at padding).
@@ -57,6 +59,9 @@ def ttt_naive(
     B, T, H, f = xq.shape
     K = token_eta.shape[0]
     build_graph = torch.is_grad_enabled()
+    positions = (state.offset.view(B, 1) + torch.arange(T, device=xq.device)) % K  # [B,T]
+    angles = rope_angles(positions, f, rope_base, xq.dtype).unsqueeze(2)  # [B,T,1,f/2]
+    xq, xk = rope_rotate(xq, angles), rope_rotate(xk, angles)
     weights, grads, offset = list(state.weights()), list(state.grads()), state.offset.clone()
     # A row at a mini-batch boundary has nothing accumulated (see TTTState).
     at_boundary = (offset == 0)[:, None, None, None]

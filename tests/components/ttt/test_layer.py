@@ -171,9 +171,9 @@ def test_bf16_model_keeps_the_inner_loop_in_float32(cls):
     seen = {}
     real_op = layer_module.ttt_dual
 
-    def spy(xq, xk, xv, lr, token_eta, ln_w, ln_b, state, lengths, **kw):
+    def spy(xq, xk, xv, lr, token_eta, ln_w, ln_b, state, lengths, *rest, **kw):
         seen.update(xq=xq.dtype, xk=xk.dtype, xv=xv.dtype, lr=lr.dtype, token_eta=token_eta.dtype, W1=state.W1.dtype)
-        return real_op(xq, xk, xv, lr, token_eta, ln_w, ln_b, state, lengths, **kw)
+        return real_op(xq, xk, xv, lr, token_eta, ln_w, ln_b, state, lengths, *rest, **kw)
 
     x = torch.randn(2, 40, D, dtype=torch.bfloat16)
     with mock.patch.object(layer_module, "ttt_dual", spy):
@@ -192,8 +192,8 @@ def test_autocast_bf16_keeps_the_inner_loop_in_float32(cls):
     seen = {}
     real_op = layer_module.ttt_dual
 
-    def spy(xq, xk, xv, lr, token_eta, ln_w, ln_b, state, lengths, **kw):
-        out = real_op(xq, xk, xv, lr, token_eta, ln_w, ln_b, state, lengths, **kw)
+    def spy(xq, xk, xv, lr, token_eta, ln_w, ln_b, state, lengths, *rest, **kw):
+        out = real_op(xq, xk, xv, lr, token_eta, ln_w, ln_b, state, lengths, *rest, **kw)
         seen.update(xq=xq.dtype, lr=lr.dtype, out=out[0].dtype, W1=out[1].W1.dtype, grad=out[1].W1_grad.dtype)
         return out
 
