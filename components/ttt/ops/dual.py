@@ -57,11 +57,13 @@ def _grid_indices(offsets: Tensor, lengths: Tensor, T: int, H: int, K: int, n: i
     return to_grid, valid, from_grid
 
 
-def _completions(offsets: List[int], lengths: List[int], K: int, n: int, device) -> List[Completion]:
+def _completions(offsets: List[int], lengths: List[int], K: int, n: int, H: int, device) -> List[Completion]:
+    """For each mini-batch: True, False, or a ``[B*H]`` mask of the (stream, head) rows that complete it."""
     result = []
     for m in range(n):
         done = [(m + 1) * K <= o + L for o, L in zip(offsets, lengths)]
-        result.append(True if all(done) else False if not any(done) else torch.tensor(done, device=device))
+        mask = torch.tensor(done, device=device).repeat_interleave(H)
+        result.append(True if all(done) else False if not any(done) else mask)
     return result
 
 
@@ -74,7 +76,7 @@ def _advance(weights: tuple, updates: tuple, eta_last: Tensor, complete: Complet
         return tuple(torch.addcmul(w, u, -eta_last) for w, u in zip(weights, updates)), None
     if complete is False:
         return weights, updates
-    done = complete.view(-1, 1, 1, 1)
+    done = complete.view(-1, 1, 1)
     moved = tuple(torch.where(done, w - eta_last * u, w) for w, u in zip(weights, updates))
     return moved, tuple(torch.where(done, torch.zeros_like(u), u) for u in updates)
 
@@ -87,23 +89,24 @@ def _advance_bwd(d_weights: tuple, d_pending: Optional[tuple], updates: tuple, e
         d_updates = tuple(-eta_last * d for d in d_weights)
         d_eta_last = -sum((d * u).sum() for d, u in zip(d_weights, updates))
         return d_updates, d_eta_last
-    done = complete.view(-1, 1, 1, 1).to(eta_last.dtype)
+    done = complete.view(-1, 1, 1).to(eta_last.dtype)
     d_updates = tuple(-eta_last * done * d + (1 - done) * dp for d, dp in zip(d_weights, d_pending))
     d_eta_last = -sum((done * d * u).sum() for d, u in zip(d_weights, updates))
     return d_updates, d_eta_last
 
 
 class _StepInputs(NamedTuple):
-    """What a mini-batch needs that does not depend on the fast weights (``[B, H, ...]``)."""
+    """What a mini-batch needs that does not depend on the fast weights, streams and heads
+    folded: ``[BH, ...]``."""
 
-    lr: Tensor  # [B,H,K], contiguous
-    q: Tensor  # queries after RoPE, [B,H,K,f]
+    lr: Tensor  # [BH,K]
+    q: Tensor  # queries after RoPE, [BH,K,f]
     k: Tensor  # keys after RoPE
     target: Tensor  # v - k
-    eta: Tensor  # tril(token_eta_i * lr_j), [B,H,K,K]
-    scores1: Tensor  # q k^T + 1, [B,H,K,K]
+    eta: Tensor  # tril(token_eta_i * lr_j), [BH,K,K]
+    scores1: Tensor  # q k^T + 1, [BH,K,K]
     attn1: Tensor  # eta * scores1
-    lr_k: Tensor  # lr * k, [B,H,K,f]
+    lr_k: Tensor  # lr * k, [BH,K,f]
 
 
 def _rope_factors(K: int, f: int, base: float, dtype: torch.dtype, device) -> Tensor:
@@ -114,16 +117,18 @@ def _rope_factors(K: int, f: int, base: float, dtype: torch.dtype, device) -> Te
 
 
 def _rotate(x: Tensor, factors: Tensor) -> Tensor:
-    """Rotates interleaved pairs of ``x [B,H,K,f]`` by complex ``factors [K, f/2]``."""
+    """Rotates interleaved pairs of ``x [..., K, f]`` by complex ``factors [K, f/2]``."""
     return torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * factors).flatten(-2)
 
 
 def _step_inputs(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, token_eta: Tensor, rope: Tensor) -> _StepInputs:
-    K = q.shape[-2]
-    q, k = _rotate(q, rope), _rotate(k, rope)
-    eta = torch.tril(token_eta.view(K, 1) * lr.unsqueeze(-2))  # [K,1] * [B,H,1,K] -> [B,H,K,K]
-    scores1 = torch.matmul(q, k.transpose(-1, -2)).add_(1.0)  # [B,H,K,f] @ [B,H,f,K]
-    return _StepInputs(lr, q, k, v - k, eta, scores1, eta * scores1, lr.unsqueeze(-1) * k)
+    """From one mini-batch of the grid: q, k, v ``[B,H,K,f]``, lr ``[B,H,K]``."""
+    B, H, K, f = q.shape
+    q, k = _rotate(q, rope).reshape(B * H, K, f), _rotate(k, rope).reshape(B * H, K, f)
+    lr = lr.reshape(B * H, K)
+    eta = torch.tril(token_eta.view(K, 1) * lr.unsqueeze(-2))  # [K,1] * [BH,1,K] -> [BH,K,K]
+    scores1 = torch.bmm(q, k.transpose(-1, -2)).add_(1.0)  # [BH,K,f] @ [BH,f,K]
+    return _StepInputs(lr, q, k, v.reshape(B * H, K, f) - k, eta, scores1, eta * scores1, lr.unsqueeze(-1) * k)
 
 
 def _step_inputs_bwd(grads: dict, lr: Tensor, token_eta: Tensor, rope: Tensor, pre: _StepInputs):
@@ -133,11 +138,11 @@ def _step_inputs_bwd(grads: dict, lr: Tensor, token_eta: Tensor, rope: Tensor, p
         d_eta = d_eta + grads["eta"]
     d_eta = torch.tril(d_eta)
     d_scores1 = grads["attn1"] * pre.eta
-    d_q = _addmm_(grads["q"], d_scores1, pre.k)  # [B,H,K,K] @ [B,H,K,f]
+    d_q = _addmm_(grads["q"], d_scores1, pre.k)  # [BH,K,K] @ [BH,K,f]
     d_k = (grads["k"] - grads["target"]).addcmul_(lr.unsqueeze(-1), grads["lr_k"])
     _addmm_(d_k, d_scores1.transpose(-1, -2), pre.q)
     d_lr = grads["lr"] + (grads["lr_k"] * pre.k).sum(-1) + (d_eta * token_eta.view(-1, 1)).sum(-2)
-    d_token_eta = (d_eta * lr.unsqueeze(-2)).sum(dim=(0, 1, 3))
+    d_token_eta = (d_eta * lr.unsqueeze(-2)).sum(dim=(0, 2))
     back = rope.conj()
     return _rotate(d_q, back), _rotate(d_k, back), grads["target"], d_lr, d_token_eta
 
@@ -162,7 +167,8 @@ def _scan(mlp, q, k, v, lr, token_eta, ln_w, ln_b, rope, weights, pending, compl
                 pre.q, pre.k, pre.target, pre.attn1, pre.lr_k, pre.lr, eta_col, ln_w, ln_b, *weights, pending
             )
         if out is not None:
-            torch.add(pre.q, ln_fwd(z_bar, ln_w, ln_b), out=out[m])
+            shape = out[m].shape  # [B,H,K,f], strided when the grid is a view of the input
+            torch.add(pre.q.view(shape), ln_fwd(z_bar, ln_w, ln_b).view(shape), out=out[m])
         if keep:
             kept.append((weights, pending, updates, cache, pre, z_bar))
         weights, pending = _advance(weights, updates, eta_last, completions[m])
@@ -174,11 +180,12 @@ def _scan_bwd(mlp, kept, d_out, d_weights, d_pending, token_eta, ln_w, rope, com
     grads of the carry at the start plus those of token_eta, ln_w and ln_b."""
     eta_col, eta_last = token_eta.view(-1, 1), token_eta[-1]
     d_q, d_k, d_v, d_lr = grads_out
+    B, H, K, f = d_q.shape[1:]
     d_token_eta = torch.zeros_like(token_eta)
     d_ln_w = d_ln_b = 0.0
     for m in reversed(range(len(kept))):
         weights, pending, updates, cache, pre, z_bar = kept[m]
-        d_out_m = d_out[m].contiguous()
+        d_out_m = d_out[m].reshape(B * H, K, f)
         d_z_bar, d_ln_w_out, d_ln_b_out = ln_bwd(z_bar, d_out_m, ln_w)
         d_updates, d_eta_last = _advance_bwd(d_weights, d_pending, updates, eta_last, completions[m])
         if mlp:
@@ -191,15 +198,30 @@ def _scan_bwd(mlp, kept, d_out, d_weights, d_pending, token_eta, ln_w, rope, com
                 cache, d_z_bar, d_updates, pre.q, pre.k, pre.attn1, pre.lr_k, pre.lr, eta_col, ln_w, weights[0], pending
             )
         d_weights = tuple(a + b for a, b in zip(d_weights, d_w))
-        d_ln_w = d_ln_w + (step.pop("ln_w") + d_ln_w_out).sum(dim=(0, 2))  # [B,H,K,f] -> [H,f]
-        d_ln_b = d_ln_b + (step.pop("ln_b") + d_ln_b_out).sum(dim=(0, 2))
+        d_ln_w = d_ln_w + (step.pop("ln_w") + d_ln_w_out).view(B, H, K, f).sum(dim=(0, 2))  # -> [H,f]
+        d_ln_b = d_ln_b + (step.pop("ln_b") + d_ln_b_out).view(B, H, K, f).sum(dim=(0, 2))
         step["q"] = step["q"] + d_out_m  # the residual of out = q + LN(z_bar)
-        d_q[m], d_k[m], d_v[m], d_lr[m], d_te = _step_inputs_bwd(step, pre.lr, token_eta, rope, pre)
+        dq, dk, dv, dlr, d_te = _step_inputs_bwd(step, pre.lr, token_eta, rope, pre)
+        d_q[m], d_k[m], d_v[m], d_lr[m] = dq.view(B, H, K, f), dk.view(B, H, K, f), dv.view(B, H, K, f), dlr.view(B, H, K)
         d_token_eta = d_token_eta + d_te
         d_token_eta[-1] += d_eta_last
         if d_eta_col is not None:
-            d_token_eta = d_token_eta + d_eta_col.sum(dim=(0, 1)).view(-1)
+            d_token_eta = d_token_eta + d_eta_col.sum(dim=0).view(-1)
     return d_weights, d_pending, d_token_eta, d_ln_w, d_ln_b
+
+
+def _fold(tensors) -> tuple:
+    """``[B, H, ...]`` -> ``[B*H, ...]``."""
+    return tuple(t.reshape(-1, *t.shape[2:]) for t in tensors)
+
+
+def _unfold(tensors, B: int, H: int) -> tuple:
+    return tuple(t.view(B, H, *t.shape[1:]) for t in tensors)
+
+
+def _fold_heads(param: Tensor, B: int) -> Tensor:
+    """A per-head ``[H, 1, f]`` parameter repeated for each stream: ``[B*H, 1, f]``."""
+    return param.expand(B, *param.shape).reshape(-1, *param.shape[1:])
 
 
 class _DualScan(torch.autograd.Function):
@@ -214,16 +236,17 @@ class _DualScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mlp, completions, segment, rope_base, q, k, v, lr, token_eta, ln_w, ln_b, *carry):
         n_w = 4 if mlp else 2
+        n, B, H = q.shape[:3]
         rope = _rope_factors(q.shape[-2], q.shape[-1], rope_base, q.dtype, q.device)
-        weights, pending = tuple(carry[:n_w]), (tuple(carry[n_w:]) or None)
-        n = q.shape[0]
+        weights, pending = _fold(carry[:n_w]), (_fold(carry[n_w:]) or None)
+        ln_w3, ln_b3 = _fold_heads(ln_w, B), _fold_heads(ln_b, B)
         out = torch.empty_like(q)
         starts, kept = [], []
         for s in range(0, n, segment):
             e = min(s + segment, n)
             starts.append((weights, pending))
             weights, pending, seg_kept = _scan(
-                mlp, q[s:e], k[s:e], v[s:e], lr[s:e], token_eta, ln_w, ln_b, rope, weights, pending,
+                mlp, q[s:e], k[s:e], v[s:e], lr[s:e], token_eta, ln_w3, ln_b3, rope, weights, pending,
                 completions[s:e], out=out[s:e], keep=segment == n,
             )
             kept += seg_kept
@@ -233,9 +256,9 @@ class _DualScan(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, lr, token_eta, ln_w, ln_b, *(leaves[i] for i in ctx.tensor_slots))
         ctx.mlp, ctx.completions, ctx.segment, ctx.n_w, ctx.rope_base = mlp, completions, segment, n_w, rope_base
         ctx.initial_pending, ctx.final_pending = len(carry) > n_w, pending is not None
-        carry_out = weights + (pending if pending is not None else ())
-        # A weight that no mini-batch moved is still the input tensor; outputs must be new tensors.
-        carry_out = tuple(t.clone() if any(t is c for c in carry) else t for t in carry_out)
+        if all(c is False for c in completions):
+            weights = tuple(w.clone() for w in weights)  # unmoved: still the inputs, and outputs must be new
+        carry_out = _unfold(weights + (pending if pending is not None else ()), B, H)
         return (out,) + carry_out
 
     @staticmethod
@@ -246,10 +269,12 @@ class _DualScan(torch.autograd.Function):
         for slot, tensor in zip(ctx.tensor_slots, saved):
             leaves[slot] = tensor
         starts, kept = tree_unflatten(leaves, ctx.spec)
-        mlp, n_w, n, segment = ctx.mlp, ctx.n_w, q.shape[0], ctx.segment
+        mlp, n_w, segment = ctx.mlp, ctx.n_w, ctx.segment
+        n, B, H = q.shape[:3]
         rope = _rope_factors(q.shape[-2], q.shape[-1], ctx.rope_base, q.dtype, q.device)
-        d_weights = tuple(d_carry[:n_w])
-        d_pending = tuple(d_carry[n_w:]) if ctx.final_pending else None
+        ln_w3, ln_b3 = _fold_heads(ln_w, B), _fold_heads(ln_b, B)
+        d_weights = _fold(d_carry[:n_w])
+        d_pending = _fold(d_carry[n_w:]) if ctx.final_pending else None
         grads_out = tuple(torch.empty_like(t) for t in (q, k, v, lr))
         d_token_eta = torch.zeros_like(token_eta)
         d_ln_w, d_ln_b = torch.zeros_like(ln_w), torch.zeros_like(ln_b)
@@ -258,19 +283,19 @@ class _DualScan(torch.autograd.Function):
             if segment < n:
                 weights, pending = starts[seg]
                 _, _, seg_kept = _scan(
-                    mlp, q[s:e], k[s:e], v[s:e], lr[s:e], token_eta, ln_w, ln_b, rope, weights, pending,
+                    mlp, q[s:e], k[s:e], v[s:e], lr[s:e], token_eta, ln_w3, ln_b3, rope, weights, pending,
                     ctx.completions[s:e], keep=True,
                 )
             else:
                 seg_kept = kept
             d_weights, d_pending, d_te, d_w, d_b = _scan_bwd(
-                mlp, seg_kept, d_out[s:e], d_weights, d_pending, token_eta, ln_w, rope,
+                mlp, seg_kept, d_out[s:e], d_weights, d_pending, token_eta, ln_w3, rope,
                 ctx.completions[s:e], tuple(g[s:e] for g in grads_out),
             )
             d_token_eta += d_te
             d_ln_w += d_w.unsqueeze(1)
             d_ln_b += d_b.unsqueeze(1)
-        d_initial = d_weights + (d_pending if ctx.initial_pending else ())
+        d_initial = _unfold(d_weights + (d_pending if ctx.initial_pending else ()), B, H)
         return (None, None, None, None, *grads_out, d_token_eta, d_ln_w, d_ln_b) + d_initial
 
 
@@ -328,7 +353,7 @@ def ttt_dual(
         q, k, v = grid(xq), grid(xk), grid(xv)
         lr_grid = grid(lr.unsqueeze(-1)).squeeze(-1)  # [n,B,H,K]
     ln_w, ln_b = ln_weight.unsqueeze(1), ln_bias.unsqueeze(1)  # [H,1,f]
-    completions = _completions(offsets, lens, K, n, xq.device)
+    completions = _completions(offsets, lens, K, n, H, xq.device)
 
     weights = state.weights()
     pending = None

@@ -1,8 +1,9 @@
 """One mini-batch of the dual form, forward and hand-written backward, for TTT-Linear and TTT-MLP.
 
 Autograd over the scan records ~100 small ops per mini-batch; these functions do the same
-math with a fraction of them. Tensors are per mini-batch, ``[B, H, K, f]`` (MLP hidden:
-``4f``); ``ln_w``/``ln_b`` are ``[H, 1, f]``. ``pending`` is the unfinished mini-batch's
+math with a fraction of them. Tensors are per mini-batch with streams and heads folded into
+one batch dim, ``[BH, K, f]`` (MLP hidden: ``4f``), so every matmul is one ``bmm``;
+``ln_w``/``ln_b`` are ``[BH, 1, f]``. ``pending`` is the unfinished mini-batch's
 accumulator when a stream starts inside it (first mini-batch only), else None.
 
 Inputs of a step (computed in batch outside the scan, with autograd):
@@ -51,25 +52,16 @@ def gelu_tanh_slope_and_curvature(x: Tensor, s: Tensor):
     return slope, curvature
 
 
-def _bh(x: Tensor) -> Tensor:
-    """``[B, H, r, c]`` -> ``[B*H, r, c]`` (a view unless x is an expanded parameter)."""
-    return x.reshape(-1, x.shape[-2], x.shape[-1])
-
-
 def _addmm(base: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor:
-    """``base + alpha * a @ b`` for ``[B, H, ...]`` tensors in one batched op; base may be a
-    broadcast row (a bias ``[B, H, 1, o]``)."""
-    out = torch.baddbmm(_bh(base), _bh(a), _bh(b), alpha=alpha)
-    return out.view(a.shape[:-1] + b.shape[-1:])
+    """``base + alpha * a @ b`` in one batched op; base may be a broadcast row (a bias)."""
+    return torch.baddbmm(base, a, b, alpha=alpha)
 
 
 def _addmm_(base: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor:
     """In-place ``base += alpha * a @ b`` on a tensor this code owns."""
     if base.is_contiguous():
-        base.view(-1, base.shape[-2], base.shape[-1]).baddbmm_(_bh(a), _bh(b), alpha=alpha)
-    else:
-        base.copy_(_addmm(base, a, b, alpha))
-    return base
+        return base.baddbmm_(a, b, alpha=alpha)
+    return base.copy_(torch.baddbmm(base, a, b, alpha=alpha))
 
 
 def ln_l2_grad_fwd(z: Tensor, target: Tensor, ln_w: Tensor, ln_b: Tensor):
@@ -132,11 +124,11 @@ def _sum_rows(x: Tensor) -> Tensor:
 
 def linear_fwd(q, k, target, attn1, lr_k, lr, eta_col, ln_w, ln_b, W1, b1, pending: Optional[tuple]):
     """Returns ``z_bar``, the accumulated updates ``(U_W1, U_b1)`` and a cache for backward."""
-    zk = _addmm(b1, k, W1)  # [B,H,K,f] @ [B,H,f,f] + [B,H,1,f] -> [B,H,K,f]
+    zk = _addmm(b1, k, W1)  # [BH,K,f] @ [BH,f,f] + [BH,1,f] -> [BH,K,f]
     grad, ln_cache = ln_l2_grad_fwd(zk, target, ln_w, ln_b)
-    z_bar = _addmm_(_addmm(b1, q, W1), attn1, grad, alpha=-1.0)  # - [B,H,K,K] @ [B,H,K,f]
-    u_w = torch.matmul(_t(lr_k), grad)  # [B,H,f,K] @ [B,H,K,f] -> [B,H,f,f]
-    u_b = torch.matmul(lr.unsqueeze(-2), grad)  # [B,H,1,K] @ [B,H,K,f] -> [B,H,1,f]
+    z_bar = _addmm_(_addmm(b1, q, W1), attn1, grad, alpha=-1.0)  # - [BH,K,K] @ [BH,K,f]
+    u_w = torch.bmm(_t(lr_k), grad)  # [BH,f,K] @ [BH,K,f] -> [BH,f,f]
+    u_b = torch.bmm(lr.unsqueeze(-2), grad)  # [BH,1,K] @ [BH,K,f] -> [BH,1,f]
     seen = None
     if pending is not None:
         seen = _addmm(pending[1], q, pending[0])  # what the pending gradients do to q
@@ -150,20 +142,20 @@ def linear_bwd(cache, d_z_bar, d_u, q, k, attn1, lr_k, lr, eta_col, ln_w, W1, pe
     grad, ln_cache, seen = cache
     d_uw, d_ub = d_u
     d_grad = _addmm_(_addmm(lr.unsqueeze(-1) * d_ub, lr_k, d_uw), _t(attn1), d_z_bar, alpha=-1.0)
-    d_lr_k = torch.matmul(grad, _t(d_uw))  # [B,H,K,f] @ [B,H,f,f]
+    d_lr_k = torch.bmm(grad, _t(d_uw))  # [BH,K,f] @ [BH,f,f]
     d_lr = (grad * d_ub).sum(dim=-1)
-    d_attn1 = torch.matmul(d_z_bar, _t(grad)).neg_()  # [B,H,K,f] @ [B,H,f,K]
-    d_q = torch.matmul(d_z_bar, _t(W1))
+    d_attn1 = torch.bmm(d_z_bar, _t(grad)).neg_()  # [BH,K,f] @ [BH,f,K]
+    d_q = torch.bmm(d_z_bar, _t(W1))
     d_b1 = _sum_rows(d_z_bar)
     d_eta_col, d_pending = None, None
     if pending is not None:
-        d_eta_col = -(d_z_bar * seen).sum(dim=-1, keepdim=True)  # [B,H,K,1]
+        d_eta_col = -(d_z_bar * seen).sum(dim=-1, keepdim=True)  # [BH,K,1]
         d_seen = -eta_col * d_z_bar
         _addmm_(d_q, d_seen, _t(pending[0]))
         d_pending = (_addmm(d_uw, _t(q), d_seen), d_ub + _sum_rows(d_seen))
     d_zk, d_target, d_ln_w, d_ln_b = ln_l2_grad_bwd(ln_cache, d_grad, ln_w)
-    d_k = torch.matmul(d_zk, _t(W1))
-    d_W1 = _addmm_(torch.matmul(_t(q), d_z_bar), _t(k), d_zk)
+    d_k = torch.bmm(d_zk, _t(W1))
+    d_W1 = _addmm_(torch.bmm(_t(q), d_z_bar), _t(k), d_zk)
     d_b1 = d_b1 + _sum_rows(d_zk)
     inputs = dict(q=d_q, k=d_k, target=d_target, attn1=d_attn1, lr_k=d_lr_k, lr=d_lr, ln_w=d_ln_w, ln_b=d_ln_b)
     return inputs, (d_W1, d_b1), d_pending, d_eta_col
@@ -171,29 +163,29 @@ def linear_bwd(cache, d_z_bar, d_u, q, k, attn1, lr_k, lr, eta_col, ln_w, W1, pe
 
 def mlp_fwd(q, k, target, eta, attn1, lr_k, lr, eta_col, ln_w, ln_b, W1, b1, W2, b2, pending: Optional[tuple]):
     """TTT-MLP step; same contract as :func:`linear_fwd` with updates ``(U_W1, U_b1, U_W2, U_b2)``."""
-    z1k = _addmm(b1, k, W1)  # [B,H,K,f] @ [B,H,f,4f] -> [B,H,K,4f]
+    z1k = _addmm(b1, k, W1)  # [BH,K,f] @ [BH,f,4f] -> [BH,K,4f]
     x2, s1 = gelu_tanh(z1k)
-    z2 = _addmm(b2, x2, W2)  # [B,H,K,4f] @ [B,H,4f,f] -> [B,H,K,f]
+    z2 = _addmm(b2, x2, W2)  # [BH,K,4f] @ [BH,4f,f] -> [BH,K,f]
     grad2, ln_cache = ln_l2_grad_fwd(z2, target, ln_w, ln_b)
-    back2 = torch.matmul(grad2, _t(W2))  # [B,H,K,f] @ [B,H,f,4f] -> [B,H,K,4f]
+    back2 = torch.bmm(grad2, _t(W2))  # [BH,K,f] @ [BH,f,4f] -> [BH,K,4f]
     grad1 = gelu_tanh_slope(z1k, s1).mul_(back2)
-    z1_bar = _addmm_(_addmm(b1, q, W1), attn1, grad1, alpha=-1.0)  # - [B,H,K,K] @ [B,H,K,4f]
+    z1_bar = _addmm_(_addmm(b1, q, W1), attn1, grad1, alpha=-1.0)  # - [BH,K,K] @ [BH,K,4f]
     seen1 = seen2 = None
     if pending is not None:
         seen1 = _addmm(pending[1], q, pending[0])
         z1_bar = z1_bar - eta_col * seen1
     x2_bar, s1_bar = gelu_tanh(z1_bar)
-    scores2 = torch.matmul(x2_bar, _t(x2)).add_(1.0)  # [B,H,K,4f] @ [B,H,4f,K] -> [B,H,K,K]
+    scores2 = torch.bmm(x2_bar, _t(x2)).add_(1.0)  # [BH,K,4f] @ [BH,4f,K] -> [BH,K,K]
     z_bar = _addmm_(_addmm(b2, x2_bar, W2), eta * scores2, grad2, alpha=-1.0)
     if pending is not None:
         seen2 = _addmm(pending[3], x2_bar, pending[2])
         z_bar = z_bar - eta_col * seen2
-    lr_row = lr.unsqueeze(-2)  # [B,H,1,K]
+    lr_row = lr.unsqueeze(-2)  # [BH,1,K]
     updates = [
-        torch.matmul(_t(lr_k), grad1),  # [B,H,f,K] @ [B,H,K,4f]
-        torch.matmul(lr_row, grad1),
-        torch.matmul(_t(x2), lr.unsqueeze(-1) * grad2),  # (lr x2)^T grad2: [B,H,4f,K] @ [B,H,K,f]
-        torch.matmul(lr_row, grad2),
+        torch.bmm(_t(lr_k), grad1),  # [BH,f,K] @ [BH,K,4f]
+        torch.bmm(lr_row, grad1),
+        torch.bmm(_t(x2), lr.unsqueeze(-1) * grad2),  # (lr x2)^T grad2: [BH,4f,K] @ [BH,K,f]
+        torch.bmm(lr_row, grad2),
     ]
     if pending is not None:
         updates = [u + p for u, p in zip(updates, pending)]
@@ -210,23 +202,23 @@ def mlp_bwd(cache, d_z_bar, d_u, q, k, eta, attn1, lr_k, lr, eta_col, ln_w, W1, 
     lr_col = lr.unsqueeze(-1)
     # The updates: U_W1 = lr_k^T grad1, U_b1 = lr^T grad1, U_W2 = (lr x2)^T grad2, U_b2 = lr^T grad2.
     d_grad1 = _addmm(lr_col * d_ub1, lr_k, d_uw1)
-    d_lr_k = torch.matmul(grad1, _t(d_uw1))
-    d_lr_x2 = torch.matmul(grad2, _t(d_uw2))  # [B,H,K,f] @ [B,H,f,4f]
+    d_lr_k = torch.bmm(grad1, _t(d_uw1))
+    d_lr_x2 = torch.bmm(grad2, _t(d_uw2))  # [BH,K,f] @ [BH,f,4f]
     d_grad2 = _addmm(d_ub2, x2, d_uw2).mul_(lr_col)  # lr * (x2 dU_W2 + dU_b2)
     d_lr = (grad1 * d_ub1).sum(-1) + (grad2 * d_ub2).sum(-1) + (d_lr_x2 * x2).sum(-1)
     d_x2 = lr_col * d_lr_x2
     # z_bar = x2_bar W2 + b2 - attn2 grad2 (- eta_col * seen2)
-    d_x2_bar = torch.matmul(d_z_bar, _t(W2))
-    d_W2 = torch.matmul(_t(x2_bar), d_z_bar)
+    d_x2_bar = torch.bmm(d_z_bar, _t(W2))
+    d_W2 = torch.bmm(_t(x2_bar), d_z_bar)
     d_b2 = _sum_rows(d_z_bar)
-    d_attn2 = torch.matmul(d_z_bar, _t(grad2)).neg_()
+    d_attn2 = torch.bmm(d_z_bar, _t(grad2)).neg_()
     _addmm_(d_grad2, _t(attn2), d_z_bar, alpha=-1.0)
     d_eta_col, d_pending = None, None
     if pending is not None:
         d_eta_col = -(d_z_bar * seen2).sum(dim=-1, keepdim=True)
         d_seen2 = -eta_col * d_z_bar
         _addmm_(d_x2_bar, d_seen2, _t(pending[2]))
-        d_pw2, d_pb2 = torch.matmul(_t(x2_bar), d_seen2), _sum_rows(d_seen2)
+        d_pw2, d_pb2 = torch.bmm(_t(x2_bar), d_seen2), _sum_rows(d_seen2)
     # attn2 = eta * (x2_bar x2^T + 1)
     d_eta = d_attn2 * scores2
     d_scores2 = d_attn2.mul_(eta)
@@ -234,9 +226,9 @@ def mlp_bwd(cache, d_z_bar, d_u, q, k, eta, attn1, lr_k, lr, eta_col, ln_w, W1, 
     _addmm_(d_x2, _t(d_scores2), x2_bar)
     # x2_bar = gelu(z1_bar); z1_bar = q W1 + b1 - attn1 grad1 (- eta_col * seen1)
     d_z1_bar = d_x2_bar.mul_(gelu_tanh_slope(z1_bar, s1_bar))
-    d_q = torch.matmul(d_z1_bar, _t(W1))
+    d_q = torch.bmm(d_z1_bar, _t(W1))
     d_b1 = _sum_rows(d_z1_bar)
-    d_attn1 = torch.matmul(d_z1_bar, _t(grad1)).neg_()
+    d_attn1 = torch.bmm(d_z1_bar, _t(grad1)).neg_()
     _addmm_(d_grad1, _t(attn1), d_z1_bar, alpha=-1.0)
     if pending is not None:
         d_eta_col = d_eta_col - (d_z1_bar * seen1).sum(dim=-1, keepdim=True)
@@ -247,16 +239,16 @@ def mlp_bwd(cache, d_z_bar, d_u, q, k, eta, attn1, lr_k, lr, eta_col, ln_w, W1, 
     slope1, curvature1 = gelu_tanh_slope_and_curvature(z1k, s1)
     d_back2 = d_grad1 * slope1
     d_z1k = (d_grad1 * back2).mul_(curvature1)
-    _addmm_(d_grad2, d_back2, W2)  # [B,H,K,4f] @ [B,H,4f,f]
-    _addmm_(d_W2, _t(d_back2), grad2)  # [B,H,4f,K] @ [B,H,K,f]
+    _addmm_(d_grad2, d_back2, W2)  # [BH,K,4f] @ [BH,4f,f]
+    _addmm_(d_W2, _t(d_back2), grad2)  # [BH,4f,K] @ [BH,K,f]
     # grad2 = LN-L2 grad of z2 = x2 W2 + b2; x2 = gelu(z1k); z1k = k W1 + b1
     d_z2, d_target, d_ln_w, d_ln_b = ln_l2_grad_bwd(ln_cache, d_grad2, ln_w)
     _addmm_(d_x2, d_z2, _t(W2))
     _addmm_(d_W2, _t(x2), d_z2)
     d_b2 = d_b2 + _sum_rows(d_z2)
     d_z1k.addcmul_(d_x2, slope1)
-    d_k = torch.matmul(d_z1k, _t(W1))
-    d_W1 = _addmm_(torch.matmul(_t(q), d_z1_bar), _t(k), d_z1k)
+    d_k = torch.bmm(d_z1k, _t(W1))
+    d_W1 = _addmm_(torch.bmm(_t(q), d_z1_bar), _t(k), d_z1k)
     d_b1 = d_b1 + _sum_rows(d_z1k)
     inputs = dict(
         q=d_q, k=d_k, target=d_target, eta=d_eta, attn1=d_attn1, lr_k=d_lr_k, lr=d_lr, ln_w=d_ln_w, ln_b=d_ln_b
