@@ -164,7 +164,7 @@ def matmul_rate(threads: int) -> float:
 def _spawn(kind, T, args) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.ttt_layer", "--worker", kind, str(T), "--threads", str(args.threads)]
     cmd += ["--checkpoint-group-size", str(args.checkpoint_group_size if kind in ("TTTLinear", "TTTMLP") else 0)]
-    cmd += ["--repeats", str(args.repeats if T <= 16384 else 1)]
+    cmd += ["--repeats", str(args.repeats if T <= 16384 else 2)]
     if args.reference:
         cmd += ["--reference", args.reference]
     done = subprocess.run(cmd, capture_output=True, text=True)

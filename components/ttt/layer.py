@@ -175,11 +175,13 @@ class _TTTBase(nn.Module):
         # Long inputs go through in chunks with the state carried (exact, by the streaming
         # contract): temporaries stay chunk-sized, which the allocator reuses instead of
         # mapping fresh pages for every full-length tensor.
+        # split, not slicing: the backward of x[:, a:b] is a full-length zero tensor per chunk.
         outs = []
-        for start in range(0, T, C):
+        for i, chunk in enumerate(x.split(C, dim=1)):
+            start = i * C
             chunk_mask = None if mask is None else mask[:, start : start + C]
-            chunk_lengths = (lengths - start).clamp(0, min(C, T - start))
-            y, state = self._forward_chunk(x[:, start : start + C], state, chunk_mask, chunk_lengths, dtype)
+            chunk_lengths = (lengths - start).clamp(0, chunk.shape[1])
+            y, state = self._forward_chunk(chunk, state, chunk_mask, chunk_lengths, dtype)
             outs.append(y)
         return torch.cat(outs, dim=1), state
 

@@ -1,55 +1,12 @@
-"""Pieces shared by the TTT ops: the inner LayerNorm, its fused L2 gradient, GELU's slope,
-and the checks every op applies to its arguments."""
-
-import math
+"""Pieces shared by the TTT ops: RoPE inside the mini-batch and the checks every op applies
+to its arguments."""
 
 import torch
 from torch import Tensor
 
 from components.ttt.state import TTTState
 
-LN_EPS = 1e-6
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-
-
-def ttt_layer_norm(z: Tensor, weight: Tensor, bias: Tensor, eps: float = LN_EPS) -> Tensor:
-    """LayerNorm over the last dim with per-head affine parameters.
-
-    Args:
-        z: ``[..., H, K, f]``.
-        weight, bias: ``[H, 1, f]``.
-    """
-    mu = z.mean(dim=-1, keepdim=True)
-    var = z.var(dim=-1, keepdim=True, unbiased=False)
-    return weight * ((z - mu) / torch.sqrt(var + eps)) + bias
-
-
-def ttt_layer_norm_l2_grad(z: Tensor, target: Tensor, weight: Tensor, bias: Tensor, eps: float = LN_EPS) -> Tensor:
-    """Gradient w.r.t. ``z`` of ``0.5 * ||LN(z) - target||^2``, in closed form.
-
-    Args:
-        z, target: ``[..., H, K, f]``.
-        weight, bias: ``[H, 1, f]``.
-
-    Returns:
-        ``[..., H, K, f]``.
-    """
-    centered = z - z.mean(dim=-1, keepdim=True)
-    rstd = torch.rsqrt(centered.pow(2).mean(dim=-1, keepdim=True) + eps)
-    z_hat = centered * rstd
-    grad_z_hat = (weight * z_hat + bias - target) * weight
-    # d LN / dz applied to grad_z_hat: (g - mean(g) - z_hat * mean(g * z_hat)) / std
-    return rstd * (
-        grad_z_hat - grad_z_hat.mean(dim=-1, keepdim=True) - z_hat * (grad_z_hat * z_hat).mean(dim=-1, keepdim=True)
-    )
-
-
-def gelu_tanh_grad(x: Tensor) -> Tensor:
-    """Derivative of ``gelu(x, approximate="tanh")``."""
-    inner = _SQRT_2_OVER_PI * (x + 0.044715 * x**3)
-    tanh_inner = torch.tanh(inner)
-    d_inner = _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
-    return 0.5 * (1.0 + tanh_inner) + 0.5 * x * (1.0 - tanh_inner * tanh_inner) * d_inner
+LN_EPS = 1e-6  # TTT-LayerNorm, as in the reference
 
 
 def rope_angles(positions: Tensor, head_dim: int, base: float, dtype: torch.dtype) -> Tensor:
