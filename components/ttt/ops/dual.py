@@ -6,10 +6,10 @@ weights W, so the K outputs follow from a few matmuls (Sun et al. 2024, Sec. 2.7
     Z_bar = XQ W - (eta * (XQ XK^T + 1)) @ grad          eta_ij = token_eta_i * lr_j, j <= i
     W'    = W - token_eta_{K-1} * (lr * XK)^T @ grad
 
-(and the same for the bias). Everything that does not depend on W (the eta and attention
-matrices, the targets) is computed for a segment of mini-batches at once; the Python loop
-only runs what the carried weights need, and backward is written by hand
-(components/ttt/ops/dual_steps.py) rather than recorded op by op.
+(and the same for the bias). The scan is one autograd.Function whose backward is written by
+hand (components/ttt/ops/dual_steps.py) rather than recorded op by op; each step works on
+cache-sized ``[B*H, K, f]`` tiles, RoPE included (on the grid, a slot's position is its
+index in the mini-batch).
 
 Streams may start inside a mini-batch and rows may have different offsets and lengths:
 each row is shifted onto a common grid of mini-batches (its offset becomes masked slots in
@@ -27,10 +27,10 @@ from torch.autograd.function import once_differentiable
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from components.ttt.ops.common import check_op_args, rope_angles
-from components.ttt.ops.dual_steps import _addmm_, linear_bwd, linear_fwd, ln_bwd, ln_fwd, mlp_bwd, mlp_fwd
+from components.ttt.ops.dual_steps import addmm_, linear_bwd, linear_fwd, ln_bwd, ln_fwd, mlp_bwd, mlp_fwd
 from components.ttt.state import TTTState
 
-# Per mini-batch: True when every row completes it, False when none does, else a [B] mask.
+# Per mini-batch: True when every row completes it, False when none does, else a [B*H] mask.
 Completion = Union[bool, Tensor]
 
 
@@ -138,9 +138,9 @@ def _step_inputs_bwd(grads: dict, lr: Tensor, token_eta: Tensor, rope: Tensor, p
         d_eta = d_eta + grads["eta"]
     d_eta = torch.tril(d_eta)
     d_scores1 = grads["attn1"] * pre.eta
-    d_q = _addmm_(grads["q"], d_scores1, pre.k)  # [BH,K,K] @ [BH,K,f]
+    d_q = addmm_(grads["q"], d_scores1, pre.k)  # [BH,K,K] @ [BH,K,f]
     d_k = (grads["k"] - grads["target"]).addcmul_(lr.unsqueeze(-1), grads["lr_k"])
-    _addmm_(d_k, d_scores1.transpose(-1, -2), pre.q)
+    addmm_(d_k, d_scores1.transpose(-1, -2), pre.q)
     d_lr = grads["lr"] + (grads["lr_k"] * pre.k).sum(-1) + (d_eta * token_eta.view(-1, 1)).sum(-2)
     d_token_eta = (d_eta * lr.unsqueeze(-2)).sum(dim=(0, 2))
     back = rope.conj()
