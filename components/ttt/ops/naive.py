@@ -41,19 +41,8 @@ def ttt_naive(
     lengths: Tensor,
     rope_base: float = 10000.0,
 ) -> Tuple[Tensor, TTTState]:
-    """Runs TTT token by token. Same contract as :func:`components.ttt.ops.dual.ttt_dual`.
-
-    Args:
-        xq, xk, xv: ``[B, T, H, f]`` queries, keys, values (before RoPE).
-        lr: ``[B, T, H]`` inner learning rate of each token (``ttt_lr_eta``).
-        token_eta: ``[K]`` position factor of each slot of a mini-batch of K tokens.
-        ln_weight, ln_bias: ``[H, f]`` TTT-LayerNorm parameters.
-        state: the state before the first token.
-        lengths: ``[B]`` number of real tokens in each row; the rest is padding.
-        rope_base: RoPE on q and k at each token's position inside its mini-batch.
-
-    Returns:
-        ``(out, state)``: out ``[B, T, H, f]`` is ``xq + LN(f(xq))`` (zero at padding).
+    """Runs TTT token by token: the reference for :func:`components.ttt.ops.dual.ttt_dual`,
+    which documents the arguments and the result (the same here, without checkpointing).
     """
     check_op_args(xq, xk, xv, lr, token_eta, state, lengths)
     B, T, H, f = xq.shape
