@@ -1,4 +1,4 @@
-"""TTT-Linear and TTT-MLP layers: projections, RoPE, inner learning rate, gate and state handling.
+"""TTT-Linear and TTT-MLP layers: projections, inner learning rate, gate, post-norm and state handling.
 
 Paper: Sun et al., "Learning to (Learn at Test Time): RNNs with Expressive Hidden States",
 https://arxiv.org/abs/2407.04620. Parameter names and shapes follow the reference
