@@ -1,0 +1,1 @@
+"""Llama-Omni checkpoint layout <-> internal names (load/save: issue 3)."""
