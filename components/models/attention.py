@@ -1,0 +1,82 @@
+"""Causal self-attention with an optional sliding window and a KV memory carried across calls.
+
+Runs on a torchtune ``MultiHeadAttention``'s own projections and RoPE (so parameter names,
+checkpoints and LoRA wrappers stay torchtune's). The memory keeps the last ``memory_len``
+keys (before RoPE) and values, detached; each call rotates memory and new keys at positions
+counted from the memory's start, so scores depend only on distances and a conversation read
+in chunks sees what it would see in one call.
+"""
+
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchtune.modules import MultiHeadAttention
+
+
+class KVMemory(NamedTuple):
+    """Keys (before RoPE) and values of the last tokens seen, ``[B, n_kv, M, head_dim]`` each."""
+
+    k: Tensor
+    v: Tensor
+
+    def detach(self) -> "KVMemory":
+        return KVMemory(self.k.detach(), self.v.detach())
+
+
+def _allowed(T: int, M: int, window: Optional[int], device) -> Tensor:
+    """``[T, M+T]`` bool: query i (at position M+i) may see key j (at position j)."""
+    q_pos = torch.arange(M, M + T, device=device).view(T, 1)
+    k_pos = torch.arange(M + T, device=device).view(1, M + T)
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed &= k_pos > q_pos - window
+    return allowed
+
+
+def windowed_attention(
+    attn: MultiHeadAttention,
+    x: Tensor,
+    memory: Optional[KVMemory] = None,
+    window: Optional[int] = None,
+    memory_len: int = 0,
+    mask: Optional[Tensor] = None,
+) -> Tuple[Tensor, Optional[KVMemory]]:
+    """Causal self-attention of ``x [B, T, D]`` over the memory and itself.
+
+    Args:
+        attn: the torchtune attention whose projections and RoPE are used.
+        memory: keys/values of earlier calls, or None.
+        window: each token sees at most this many tokens, itself included (None: all).
+        memory_len: how many of the last keys/values to return as the new memory (0: none).
+        mask: unused by the attention itself (padding is right-aligned, so causal attention
+            never lets a real token see it); a row with padding has ended its conversation,
+            and its memory is meaningless until the slot is reset.
+
+    Returns:
+        ``(y, memory)``: y ``[B, T, D]``; the new memory (detached) or None.
+    """
+    B, T, _ = x.shape
+    n_h, n_kv, h_d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    q = attn.q_proj(x).view(B, T, n_h, h_d)
+    k = attn.k_proj(x).view(B, T, n_kv, h_d).transpose(1, 2)  # [B,n_kv,T,h_d]
+    v = attn.v_proj(x).view(B, T, n_kv, h_d).transpose(1, 2)
+    if memory is not None:
+        k, v = torch.cat([memory.k, k], dim=2), torch.cat([memory.v, v], dim=2)
+    M = k.shape[2] - T
+    positions = torch.arange(M + T, device=x.device).expand(B, -1)
+    q = attn.pos_embeddings(q, input_pos=positions[:, M:]).transpose(1, 2)  # [B,n_h,T,h_d]
+    k_rot = attn.pos_embeddings(k.transpose(1, 2), input_pos=positions).transpose(1, 2)
+    if n_h != n_kv:  # grouped KV heads: [B,n_kv,S,h_d] -> [B,n_h,S,h_d]
+        k_rot = k_rot.repeat_interleave(n_h // n_kv, dim=1)
+        v_all = v.repeat_interleave(n_h // n_kv, dim=1)
+    else:
+        v_all = v
+    allowed = _allowed(T, M, window, x.device)
+    y = F.scaled_dot_product_attention(q, k_rot, v_all, attn_mask=allowed)  # [B,n_h,T,h_d]
+    y = attn.output_proj(y.transpose(1, 2).reshape(B, T, n_h * h_d))
+    new_memory = None
+    if memory_len > 0:
+        new_memory = KVMemory(k[:, :, -memory_len:], v[:, :, -memory_len:]).detach()
+    return y, new_memory
