@@ -1,0 +1,113 @@
+"""Llama-Omni: speech encoder + projector, Llama-3.1 decoder, CTC speech generator.
+
+Speech is spliced into the token embeddings at the placeholder id ``SPEECH_TOKEN_ID``
+(-200, as in Llama-Omni): the placeholders of a batch are filled, in order (row by row, left
+to right), with the projected positions of the utterances given. Each utterance gives all
+its positions (300 for 30 s, the original behaviour) or, with ``speech_lengths``, only its
+first ones, so that a short question costs tens of positions instead of hundreds.
+"""
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor, nn
+
+from components.models.decoder import OmniDecoder
+from components.models.speech import SpeechEncoder
+from components.models.speech_generator import CTCSpeechGenerator
+
+SPEECH_TOKEN_ID = -200
+POSITIONS_PER_SECOND = 10  # 100 mel frames/s, halved by the encoder, then k=5 per position
+
+
+def speech_positions(num_samples: int, sample_rate: int = 16000, max_positions: int = 300) -> int:
+    """LLM positions that cover an utterance of ``num_samples`` audio samples (at most 30 s)."""
+    return max(1, min(max_positions, math.ceil(num_samples * POSITIONS_PER_SECOND / sample_rate)))
+
+
+class OmniState(NamedTuple):
+    """A conversation's state: per decoder layer ``(KVMemory or None, TTTState or None)``."""
+
+    layers: tuple
+
+    def detach(self) -> "OmniState":
+        return OmniState(tuple(tuple(None if s is None else s.detach() for s in layer) for layer in self.layers))
+
+
+class LlamaOmniOutput(NamedTuple):
+    logits: Tensor  # [B, T, vocab]
+    state: OmniState
+    hidden: Tensor  # [B, T, D], after the final norm
+    ctc_loss: Optional[Tensor]  # when unit targets are given
+
+
+class LlamaOmni(nn.Module):
+    """The whole model. Build it with :func:`components.models.llama_omni` and friends.
+
+    Args:
+        speech: encoder + projector.
+        decoder: the language model.
+        speech_generator: the CTC unit generator (always carried; its loss only when asked).
+        config: the builder arguments, kept for checkpoints.
+    """
+
+    def __init__(self, speech: SpeechEncoder, decoder: OmniDecoder, speech_generator: CTCSpeechGenerator, config: dict):
+        super().__init__()
+        self.speech, self.decoder, self.speech_generator = speech, decoder, speech_generator
+        self.config = dict(config)
+
+    def encode_speech(self, features: Tensor) -> Tensor:
+        """Log-mel ``[U, n_mels, frames]`` -> projected speech ``[U, frames / 2 / k, D]``."""
+        return self.speech(features)
+
+    def embed(self, tokens: Tensor, speech: Optional[Tensor] = None, speech_lengths: Optional[Tensor] = None) -> Tensor:
+        """Token embeddings with the speech placeholders filled; ``[B, T] -> [B, T, D]``."""
+        placeholders = tokens == SPEECH_TOKEN_ID
+        h = self.decoder.tok_embeddings(tokens.masked_fill(placeholders, 0))
+        wanted = int(placeholders.sum())
+        if speech is None:
+            if wanted:
+                raise ValueError(f"tokens hold {wanted} speech positions ({SPEECH_TOKEN_ID}) but no speech was given")
+            return h
+        projected = self.encode_speech(speech)  # [U, P, D]
+        U, P = projected.shape[:2]
+        lengths = [P] * U if speech_lengths is None else [int(n) for n in speech_lengths]
+        if len(lengths) != U or any(not 0 < n <= P for n in lengths):
+            raise ValueError(f"speech_lengths must give 1..{P} positions for each of the {U} utterances, got {lengths}")
+        rows = torch.cat([projected[u, :n] for u, n in enumerate(lengths)])  # [sum(lengths), D]
+        if rows.shape[0] != wanted:
+            raise ValueError(
+                f"tokens hold {wanted} speech positions but the {U} utterances give {rows.shape[0]} "
+                f"(positions per utterance: {lengths})"
+            )
+        return h.masked_scatter(placeholders.unsqueeze(-1), rows.to(h.dtype))
+
+    def forward(
+        self,
+        tokens: Tensor,
+        speech: Optional[Tensor] = None,
+        state: Optional[OmniState] = None,
+        mask: Optional[Tensor] = None,
+        speech_lengths: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+        units: Optional[Tensor] = None,
+    ) -> LlamaOmniOutput:
+        """
+        Args:
+            tokens: ``[B, T]`` token ids with ``SPEECH_TOKEN_ID`` at speech positions.
+            speech: ``[U, n_mels, frames]`` log-mel features of the batch's utterances, in order.
+            state: the conversations' state after the previous chunk; None starts fresh.
+            mask: ``[B, T]`` bool, True for real tokens (right-padded).
+            speech_lengths: ``[U]`` positions to keep per utterance (default: all).
+            labels: ``[B, T]`` token labels (-100 outside the response); needed with ``units``.
+            units: ``[B, U_max]`` target speech units (-100 padded): the CTC loss is returned.
+        """
+        h = self.embed(tokens, speech, speech_lengths)
+        hidden, layer_states = self.decoder(h, None if state is None else state.layers, mask)
+        ctc_loss = None
+        if units is not None:
+            if labels is None:
+                raise ValueError("the CTC loss needs labels (which positions are the response) with units")
+            ctc_loss = self.speech_generator(hidden, labels, units)
+        return LlamaOmniOutput(self.decoder.output(hidden), OmniState(layer_states), hidden, ctc_loss)

@@ -1,0 +1,112 @@
+"""Llama-Omni as a whole: sizes of the real model, speech splicing, trimming, CTC, state."""
+
+import pytest
+import torch
+
+from components.models import SPEECH_TOKEN_ID, llama_omni_8b, llama_omni_tiny, speech_positions
+
+FRAMES = 3000  # 30 s of 10 ms log-mel frames
+
+
+def _count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_8b_on_meta_has_the_published_sizes():
+    with torch.device("meta"):
+        model = llama_omni_8b()
+    assert _count(model.decoder) == 8_030_261_248  # Llama-3.1-8B
+    assert _count(model.speech.encoder) == 636_968_960  # Whisper large-v3 encoder
+    assert _count(model.speech.projector) == 6400 * 2048 + 2048 + 2048 * 4096 + 4096
+    # CTC generator "(2,4096,32,11008)": input_proj, two Llama layers, output_proj to 1000 units + blank
+    layer = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096
+    assert _count(model.speech_generator) == (4096 * 4096 + 4096) + 2 * layer + (4096 * 1001 + 1001)
+    assert _count(model) == 9_114_381_289
+
+
+def _tokens(rows, vocab=512):
+    """rows: lists of ints (text ids) and ("speech", n) runs of placeholders."""
+    out = []
+    for row in rows:
+        ids = []
+        for part in row:
+            ids += [SPEECH_TOKEN_ID] * part[1] if isinstance(part, tuple) else [part]
+        out.append(ids)
+    return torch.tensor(out)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return llama_omni_tiny().eval()
+
+
+def test_speech_fills_the_placeholders_in_order(tiny):
+    speech = torch.randn(3, 128, FRAMES)
+    # row 0 holds utterances 0 and 1, row 1 holds utterance 2; every utterance keeps its 300 positions
+    tokens = _tokens([[1, ("speech", 300), 2, ("speech", 300), 3], [4, 5, ("speech", 300)] + [6] * 301])
+    with torch.no_grad():
+        embedded = tiny.embed(tokens, speech)
+        expected = tiny.encode_speech(speech).reshape(-1, 128)
+    torch.testing.assert_close(embedded[tokens == SPEECH_TOKEN_ID], expected)
+    torch.testing.assert_close(embedded[0, 0], tiny.decoder.tok_embeddings.weight[1])
+    out = tiny(tokens, speech)
+    assert out.logits.shape == (2, tokens.shape[1], 512) and out.ctc_loss is None
+
+
+def test_trimmed_utterances_use_their_first_positions(tiny):
+    speech = torch.randn(2, 128, FRAMES)
+    tokens = _tokens([[1, ("speech", 40), 2, ("speech", 25), 3]])
+    lengths = torch.tensor([40, 25])
+    with torch.no_grad():
+        embedded = tiny.embed(tokens, speech, lengths)
+        projected = tiny.encode_speech(speech)
+    torch.testing.assert_close(embedded[tokens == SPEECH_TOKEN_ID], torch.cat([projected[0, :40], projected[1, :25]]))
+
+
+def test_placeholder_and_speech_mismatches_are_refused(tiny):
+    speech = torch.randn(1, 128, FRAMES)
+    with pytest.raises(ValueError, match="hold 10 speech positions but the 1 utterances give 300"):
+        tiny.embed(_tokens([[1, ("speech", 10)]]), speech)
+    with pytest.raises(ValueError, match="no speech was given"):
+        tiny.embed(_tokens([[1, ("speech", 10)]]))
+    with pytest.raises(ValueError, match="speech_lengths must give 1..300"):
+        tiny.embed(_tokens([[1, ("speech", 10)]]), speech, torch.tensor([400]))
+    with pytest.raises(ValueError, match=r"\[B, n_mels, 3000\]"):
+        tiny.embed(_tokens([[1, ("speech", 300)]]), torch.randn(1, 128, 1000))
+
+
+def test_speech_positions_cover_the_audio():
+    assert speech_positions(16000) == 10
+    assert speech_positions(16000 * 30) == 300
+    assert speech_positions(16000 * 45) == 300
+    assert speech_positions(100) == 1
+    assert speech_positions(16001) == 11
+
+
+def test_ctc_loss_when_units_are_given(tiny):
+    tokens = _tokens([[1, 2, 3, 4, 5, 6]])
+    labels = torch.tensor([[-100, -100, -100, 4, 5, 6]])
+    units = torch.tensor([[7, 7, 8, 9, 999]])
+    out = tiny(tokens, labels=labels, units=units)
+    assert out.ctc_loss is not None and torch.isfinite(out.ctc_loss)
+    with pytest.raises(ValueError, match="needs labels"):
+        tiny(tokens, units=units)
+
+
+def test_a_conversation_in_chunks_with_windowed_attention_and_memory():
+    """Every attention layer windowed, memory >= window: chunks with the state carried give the
+    logits of one call, speech included."""
+    torch.manual_seed(0)
+    model = llama_omni_tiny(attention_window=32, memory_len=32).eval()
+    speech = torch.randn(1, 128, FRAMES)
+    tokens = _tokens([[1, 2, ("speech", 20), 3, 4, 5, 6, 7, 8, 9, 10] + list(range(11, 61))])
+    lengths = torch.tensor([20])
+    with torch.no_grad():
+        whole = model(tokens, speech, speech_lengths=lengths).logits
+        first = model(tokens[:, :30], speech, speech_lengths=lengths)
+        second = model(tokens[:, 30:55], state=first.state)
+        third = model(tokens[:, 55:], state=second.state)
+    chunked = torch.cat([first.logits, second.logits, third.logits], dim=1)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+    assert all(layer[0].k.shape[2] == 32 for layer in second.state.layers)
