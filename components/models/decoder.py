@@ -22,7 +22,7 @@ class DecoderLayer(nn.Module):
     """Pre-norm block: ``x + mixer(sa_norm(x))``, then ``x + mlp(mlp_norm(x))``.
 
     The mixer is the attention, a TTT layer (``mode="replace"``), or both with the TTT
-    branch gated by ``tanh(ttt_gate)`` per channel (``mode="parallel"``). Submodule names
+    branch gated by ``tanh(alpha)`` per channel (``mode="parallel"``, ``ttt_gate``). Submodule names
     are torchtune's (``attn``, ``mlp``, ``sa_norm``, ``mlp_norm``) plus ``ttt``, ``ttt_gate``.
     """
 
@@ -30,7 +30,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.attn, self.mlp, self.sa_norm, self.mlp_norm = attn, mlp, sa_norm, mlp_norm
         self.ttt: Optional[nn.Module] = None
-        self.ttt_gate: Optional[nn.Parameter] = None
+        self.ttt_gate: Optional[nn.Module] = None
         self.window: Optional[int] = None
         self.memory_len = 0
 
@@ -43,7 +43,7 @@ class DecoderLayer(nn.Module):
             out, memory = windowed_attention(self.attn, h, memory, self.window, self.memory_len, mask)
         if self.ttt is not None:
             y, ttt_state = self.ttt(h, state=ttt_state, mask=mask)
-            out = out + (torch.tanh(self.ttt_gate) * y if self.ttt_gate is not None else y)
+            out = out + (self.ttt_gate(y) if self.ttt_gate is not None else y)
         x = x + out
         return x + self.mlp(self.mlp_norm(x)), (memory, ttt_state)
 
