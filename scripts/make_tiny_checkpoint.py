@@ -2,8 +2,9 @@
 
     python scripts/make_tiny_checkpoint.py OUTPUT_DIR [--seed 0] [--dtype bfloat16]
 
-The model is ``llama_omni_tiny()`` (a few layers at width 128, the real interfaces). The
-tokenizer for tiny runs comes with the data pipeline (issue 4) and is not written yet.
+The model is ``llama_omni_tiny()`` (a few layers at width 128, the real interfaces); the
+tokenizer is the tiny byte-level BPE of components/data/tiny_tokenizer.py (tokenizer.json,
+the format of Llama-3.1's), with the same 512 ids as the model.
 """
 
 import argparse
@@ -11,6 +12,7 @@ import argparse
 import torch
 
 from components.checkpoint import save_llama_omni
+from components.data.tiny_tokenizer import save_tiny_tokenizer
 from components.models import llama_omni_tiny
 
 
@@ -24,7 +26,8 @@ def main():
     torch.manual_seed(args.seed)
     model = llama_omni_tiny().to(getattr(torch, args.dtype))
     save_llama_omni(model, args.output_dir, max_shard_bytes=int(args.max_shard_mb * 2**20))
-    print(f"wrote a tiny Llama-Omni ({sum(p.numel() for p in model.parameters()):,} parameters) to {args.output_dir}")
+    save_tiny_tokenizer(args.output_dir, vocab_size=model.config["vocab_size"])
+    print(f"wrote a tiny Llama-Omni ({sum(p.numel() for p in model.parameters()):,} parameters) and its tokenizer to {args.output_dir}")
 
 
 if __name__ == "__main__":

@@ -155,3 +155,4 @@ def test_make_tiny_checkpoint_script_writes_a_loadable_checkpoint(tmp_path):
     model = load_llama_omni(tmp_path)
     assert model.decoder.tok_embeddings.weight.dtype == torch.bfloat16
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    assert (tmp_path / "tokenizer.json").exists() and (tmp_path / "tokenizer_config.json").exists()

@@ -1,0 +1,1 @@
+"""Speech conversation data (readers, features, tokenizer, collator, sampler: issue 4)."""
