@@ -114,13 +114,10 @@ def convert_to_ttt(
 
 
 def ttt_modules(model: LlamaOmni) -> List[nn.Module]:
-    """The TTT layers and gates of a converted model."""
-    found = []
-    for layer in model.decoder.layers:
-        found += [m for m in (layer.ttt, layer.ttt_gate) if m is not None]
-    return found
+    """The TTT layers and gates of a converted model (same as ``model.ttt_modules()``)."""
+    return model.ttt_modules()
 
 
 def ttt_parameters(model: LlamaOmni) -> List[nn.Parameter]:
-    """Parameters owned by TTT layers and gates (for optimizer groups and freezing the rest)."""
-    return [p for module in ttt_modules(model) for p in module.parameters()]
+    """Parameters owned by TTT layers and gates (same as ``model.ttt_parameters()``)."""
+    return model.ttt_parameters()

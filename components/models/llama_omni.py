@@ -57,6 +57,14 @@ class LlamaOmni(nn.Module):
         self.speech, self.decoder, self.speech_generator = speech, decoder, speech_generator
         self.config = dict(config)
 
+    def ttt_modules(self) -> list:
+        """The TTT layers and their gates (empty before :func:`components.models.convert_to_ttt`)."""
+        return [m for layer in self.decoder.layers for m in (layer.ttt, layer.ttt_gate) if m is not None]
+
+    def ttt_parameters(self) -> list:
+        """Parameters owned by TTT layers and gates: for optimizer groups and for freezing the rest."""
+        return [p for module in self.ttt_modules() for p in module.parameters()]
+
     def encode_speech(self, features: Tensor) -> Tensor:
         """Log-mel ``[U, n_mels, frames]`` -> projected speech ``[U, frames / 2 / k, D]``."""
         return self.speech(features)

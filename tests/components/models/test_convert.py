@@ -89,7 +89,8 @@ def test_ttt_parameters_are_the_converted_modules_and_stay_float32_in_bf16():
     modules = ttt_modules(model)
     assert len(modules) == 2 and isinstance(modules[0], TTTLinear)
     owned = {id(p) for m in modules for p in m.parameters()}
-    assert {id(p) for p in ttt_parameters(model)} == owned
+    assert {id(p) for p in ttt_parameters(model)} == owned == {id(p) for p in model.ttt_parameters()}
+    assert llama_omni_tiny().ttt_parameters() == []
     layer = model.decoder.layers[3]
     for name, p in layer.ttt.inner_parameters():
         assert p.dtype == torch.float32, name
