@@ -69,8 +69,19 @@ class LlamaOmni(nn.Module):
         """Log-mel ``[U, n_mels, frames]`` -> projected speech ``[U, frames / 2 / k, D]``."""
         return self.speech(features)
 
-    def embed(self, tokens: Tensor, speech: Optional[Tensor] = None, speech_lengths: Optional[Tensor] = None) -> Tensor:
-        """Token embeddings with the speech placeholders filled; ``[B, T] -> [B, T, D]``."""
+    def embed(
+        self,
+        tokens: Tensor,
+        speech: Optional[Tensor] = None,
+        speech_lengths: Optional[Tensor] = None,
+        speech_starts: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Token embeddings with the speech placeholders filled; ``[B, T] -> [B, T, D]``.
+
+        Utterance u fills ``speech_lengths[u]`` placeholders (default: all its positions) with
+        its positions from ``speech_starts[u]`` on (default 0): a training window that begins
+        inside an utterance takes the rest of it.
+        """
         placeholders = tokens == SPEECH_TOKEN_ID
         h = self.decoder.tok_embeddings(tokens.masked_fill(placeholders, 0))
         wanted = int(placeholders.sum())
@@ -80,10 +91,14 @@ class LlamaOmni(nn.Module):
             return h
         projected = self.encode_speech(speech)  # [U, P, D]
         U, P = projected.shape[:2]
-        lengths = [P] * U if speech_lengths is None else [int(n) for n in speech_lengths]
-        if len(lengths) != U or any(not 0 < n <= P for n in lengths):
-            raise ValueError(f"speech_lengths must give 1..{P} positions for each of the {U} utterances, got {lengths}")
-        rows = torch.cat([projected[u, :n] for u, n in enumerate(lengths)])  # [sum(lengths), D]
+        starts = [0] * U if speech_starts is None else [int(n) for n in speech_starts]
+        lengths = [P - s for s in starts] if speech_lengths is None else [int(n) for n in speech_lengths]
+        if len(starts) != U or len(lengths) != U or any(s < 0 or n < 1 or s + n > P for s, n in zip(starts, lengths)):
+            raise ValueError(
+                f"speech_starts/speech_lengths must pick 1..{P} positions inside each of the {U} utterances, "
+                f"got starts {starts} and lengths {lengths}"
+            )
+        rows = torch.cat([projected[u, s : s + n] for u, (s, n) in enumerate(zip(starts, lengths))])  # [sum, D]
         if rows.shape[0] != wanted:
             raise ValueError(
                 f"tokens hold {wanted} speech positions but the {U} utterances give {rows.shape[0]} "
@@ -100,6 +115,7 @@ class LlamaOmni(nn.Module):
         speech_lengths: Optional[Tensor] = None,
         labels: Optional[Tensor] = None,
         units: Optional[Tensor] = None,
+        speech_starts: Optional[Tensor] = None,
     ) -> LlamaOmniOutput:
         """
         Args:
@@ -107,11 +123,12 @@ class LlamaOmni(nn.Module):
             speech: ``[U, n_mels, frames]`` log-mel features of the batch's utterances, in order.
             state: the conversations' state after the previous chunk; None starts fresh.
             mask: ``[B, T]`` bool, True for real tokens (right-padded).
-            speech_lengths: ``[U]`` positions to keep per utterance (default: all).
+            speech_lengths, speech_starts: ``[U]`` which positions of each utterance fill its
+                placeholders (default: all of them); see :meth:`embed`.
             labels: ``[B, T]`` token labels (-100 outside the response); needed with ``units``.
             units: ``[B, U_max]`` target speech units (-100 padded): the CTC loss is returned.
         """
-        h = self.embed(tokens, speech, speech_lengths)
+        h = self.embed(tokens, speech, speech_lengths, speech_starts)
         hidden, layer_states = self.decoder(h, None if state is None else state.layers, mask)
         ctc_loss = None
         if units is not None:

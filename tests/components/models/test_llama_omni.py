@@ -64,14 +64,25 @@ def test_trimmed_utterances_use_their_first_positions(tiny):
     torch.testing.assert_close(embedded[tokens == SPEECH_TOKEN_ID], torch.cat([projected[0, :40], projected[1, :25]]))
 
 
+def test_a_window_can_start_inside_an_utterance(tiny):
+    speech = torch.randn(2, 128, FRAMES)
+    tokens = _tokens([[("speech", 60), 7, ("speech", 25)]])  # the last 60 positions of utterance 0
+    with torch.no_grad():
+        embedded = tiny.embed(tokens, speech, torch.tensor([60, 25]), torch.tensor([240, 0]))
+        projected = tiny.encode_speech(speech)
+    torch.testing.assert_close(embedded[tokens == SPEECH_TOKEN_ID], torch.cat([projected[0, 240:], projected[1, :25]]))
+
+
 def test_placeholder_and_speech_mismatches_are_refused(tiny):
     speech = torch.randn(1, 128, FRAMES)
     with pytest.raises(ValueError, match="hold 10 speech positions but the 1 utterances give 300"):
         tiny.embed(_tokens([[1, ("speech", 10)]]), speech)
     with pytest.raises(ValueError, match="no speech was given"):
         tiny.embed(_tokens([[1, ("speech", 10)]]))
-    with pytest.raises(ValueError, match="speech_lengths must give 1..300"):
+    with pytest.raises(ValueError, match="must pick 1..300 positions"):
         tiny.embed(_tokens([[1, ("speech", 10)]]), speech, torch.tensor([400]))
+    with pytest.raises(ValueError, match="must pick 1..300 positions"):
+        tiny.embed(_tokens([[1, ("speech", 10)]]), speech, torch.tensor([10]), torch.tensor([295]))
     with pytest.raises(ValueError, match=r"\[B, n_mels, 3000\]"):
         tiny.embed(_tokens([[1, ("speech", 300)]]), torch.randn(1, 128, 1000))
 
