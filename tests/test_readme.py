@@ -15,5 +15,6 @@ def test_readme_has_examples():
 
 @pytest.mark.parametrize("index", range(len(SNIPPETS)))
 def test_readme_example_runs(index, tmp_path, monkeypatch):
+    (tmp_path / "data").symlink_to(README.parent / "data")  # examples use repo-relative data paths
     monkeypatch.chdir(tmp_path)
     exec(compile(SNIPPETS[index], f"README.md example {index}", "exec"), {})
