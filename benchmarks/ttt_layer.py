@@ -22,6 +22,7 @@ timed side by side with ours on the same shapes and weights, without checkpointi
 """
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -29,6 +30,12 @@ import resource
 import subprocess
 import sys
 import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from components.ttt import TTTLinear, TTTMLP
 
 D, H, K = 512, 8, 64
 HEAD = D // H
@@ -57,33 +64,22 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-class CausalAttention:
+class CausalAttention(nn.Module):
     """q/k/v/o projections around torch's fused causal SDPA: the attention peer."""
 
-    def __new__(cls):
-        import torch
-        import torch.nn.functional as F
-        from torch import nn
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(D, D, bias=False) for _ in range(4))
 
-        class _Attention(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(D, D, bias=False) for _ in range(4))
-
-            def forward(self, x):
-                B, T, _ = x.shape
-                q, k, v = (p(x).view(B, T, H, HEAD).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B,H,T,f]
-                return (self.o_proj(y.transpose(1, 2).reshape(B, T, D)),)
-
-        return _Attention()
+    def forward(self, x):
+        B, T, _ = x.shape
+        # [B,T,D] -> [B,H,T,f]
+        q, k, v = (p(x).view(B, T, H, HEAD).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B,H,T,f]
+        return (self.o_proj(y.transpose(1, 2).reshape(B, T, D)),)
 
 
 def _build(kind: str, T: int, group: int, reference_path: str):
-    import torch
-
-    from components.ttt import TTTLinear, TTTMLP
-
     torch.manual_seed(0)
     if kind == "attention":
         return CausalAttention(), lambda layer, x: layer(x)[0]
@@ -91,8 +87,6 @@ def _build(kind: str, T: int, group: int, reference_path: str):
     if kind in ours:
         layer = ours[kind](D, H, mini_batch_size=K, checkpoint_group_size=group)
         return layer, lambda layer, x: layer(x)[0]
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location("ttt_reference", reference_path)
     ref = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ref)
@@ -105,8 +99,6 @@ def _build(kind: str, T: int, group: int, reference_path: str):
 
 def worker(kind: str, T: int, group: int, repeats: int, reference_path: str) -> dict:
     """Measures one (layer, T) in this process; prints one JSON line."""
-    import torch
-
     layer, run = _build(kind, T, group, reference_path)
     x = torch.randn(1, T, D, requires_grad=True)
     # Memory first, on a fresh process: the high-water mark of one forward+backward.
@@ -148,8 +140,6 @@ def worker(kind: str, T: int, group: int, repeats: int, reference_path: str) -> 
 
 def matmul_rate(threads: int) -> float:
     """float32 GFLOP/s of a 2048^3 matmul on this machine, now."""
-    import torch
-
     torch.set_num_threads(threads)
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     a @ b
@@ -221,9 +211,6 @@ def main():
     parser.add_argument("--reference", help="path to ttt-lm-pytorch's ttt.py, to time it side by side")
     parser.add_argument("--worker", nargs=2, metavar=("LAYER", "T"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-
-    import torch
-
     torch.set_num_threads(args.threads)
     if args.worker:
         kind, T = args.worker[0], int(args.worker[1])

@@ -17,7 +17,6 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import soundfile as sf
 
 from components.data.audio import SAMPLE_RATE, resample

@@ -56,7 +56,7 @@ def resample(audio: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndar
 def load_audio(path: Union[str, Path]) -> np.ndarray:
     """16 kHz mono float32 samples of a WAV/FLAC file (stereo is averaged)."""
     path = Path(path)
-    info = _info(path)
+    _info(path)  # named errors for unreadable, too slow or too many channels
     try:
         samples, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as error:

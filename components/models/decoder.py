@@ -5,17 +5,13 @@ names match torchtune's checkpoints and LoRA builders; the loop over layers is o
 model can start from spliced embeddings and carry each layer's state from call to call.
 """
 
-from typing import List, NamedTuple, Optional, Tuple, Union
+from typing import List, Optional
 
-import torch
 from torch import Tensor, nn
 from torchtune.models.llama3_1 import llama3_1
 from torchtune.modules import TransformerDecoder
 
-from components.models.attention import KVMemory, windowed_attention
-from components.ttt import TTTState
-
-LayerState = Union[None, KVMemory, TTTState, Tuple[Optional[KVMemory], Optional[TTTState]]]
+from components.models.attention import windowed_attention
 
 
 class DecoderLayer(nn.Module):

@@ -5,7 +5,6 @@ the projector is Llama-Omni's ``EncoderProjectorConcat`` (``speech_projector_typ
 drop ``T mod k`` frames, stack k consecutive frames, Linear -> ReLU -> Linear.
 """
 
-import torch
 from torch import Tensor, nn
 from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder

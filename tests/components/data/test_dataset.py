@@ -39,7 +39,7 @@ def test_a_step_collates_into_a_batch_the_model_takes(data):
     sampler = StatefulConversationSampler(dataset.lengths, window, batch_slots=2, shuffle=False)
     torch.manual_seed(0)
     model = llama_omni_tiny().eval()
-    seen_windows, states = 0, None
+    seen_windows = 0
     for step in sampler:
         batch = collate(step, dataset, window)
         assert batch.tokens.shape[1] % 64 == 0 and batch.tokens.shape == batch.mask.shape
