@@ -120,13 +120,13 @@ def _read_headers(files: Iterable[Path]) -> Dict[str, Tuple[Path, list]]:
     return found
 
 
-def _plan(model: LlamaOmni, names: NameMap, headers: dict) -> Dict[Path, List[Tuple[str, str]]]:
-    """Which internal key comes from which file; ValueError naming every bad key."""
+def _plan(model: LlamaOmni, names: NameMap, headers: dict) -> Dict[Path, List[tuple]]:
+    """For each file, ``(internal key, HF key, transform)`` of what it holds; ValueError naming every bad key."""
     expected = {k: list(v.shape) for k, v in model.state_dict().items()}
     plan, unexpected, wrong_shape, seen = {}, [], [], set()
     for hf_key, (file, shape) in headers.items():
         try:
-            key, _ = names.from_hf(hf_key)
+            key, transform = names.from_hf(hf_key)
         except KeyError:
             unexpected.append(hf_key)
             continue
@@ -136,7 +136,7 @@ def _plan(model: LlamaOmni, names: NameMap, headers: dict) -> Dict[Path, List[Tu
             wrong_shape.append(f"{hf_key}: {shape} in {file.name}, the model expects {expected[key]}")
             seen.add(key)
         else:
-            plan.setdefault(file, []).append((key, hf_key))
+            plan.setdefault(file, []).append((key, hf_key, transform))
             seen.add(key)
     missing = [names.to_hf(k)[0] for k in expected if k not in seen]
     problems = []
@@ -168,8 +168,7 @@ def load_llama_omni(path: Union[str, Path]) -> LlamaOmni:
         try:
             with safe_open(str(file), framework="pt") as f:
                 shard = {}
-                for key, hf_key in keys:
-                    _, transform = names.from_hf(hf_key)
+                for key, hf_key, transform in keys:
                     tensor = f.get_tensor(hf_key)
                     shard[key] = tensor if transform is None else transform(tensor).contiguous()
         except Exception as error:

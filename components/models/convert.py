@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from components.models.llama_omni import LlamaOmni
 from components.ttt import TTTLinear, TTTMLP
+from components.ttt.layer import restore_float32
 
 TTT_TYPES = {"linear": TTTLinear, "mlp": TTTMLP}
 MODES = ("replace", "parallel")
@@ -28,8 +29,7 @@ class TTTGate(nn.Module):
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        if self.alpha.dtype in (torch.bfloat16, torch.float16):
-            self.alpha.data = self.alpha.data.float()
+        restore_float32([self.alpha])
         return self
 
     def forward(self, y: Tensor) -> Tensor:

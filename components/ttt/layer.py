@@ -31,6 +31,19 @@ INNER_PARAMS = (
 _OPS = {"dual": ttt_dual, "naive": ttt_naive}
 
 
+def restore_float32(params) -> None:
+    """Puts parameters (and gradients) that a module cast to bf16/fp16 back to float32.
+
+    For ``_apply`` overrides: ``.to(torch.bfloat16)`` and friends cast the rest of a model,
+    but the TTT inner loop's per-token updates (~1e-3) vanish in bf16 rounding.
+    """
+    for param in params:
+        if param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
+            if param.grad is not None:
+                param.grad.data = param.grad.data.float()
+
+
 class _TTTBase(nn.Module):
     """Shared body of :class:`TTTLinear` and :class:`TTTMLP`; see those for the arguments."""
 
@@ -97,14 +110,8 @@ class _TTTBase(nn.Module):
         return [(name, getattr(self, name)) for name in INNER_PARAMS if hasattr(self, name)]
 
     def _apply(self, fn, recurse=True):
-        # `.to(torch.bfloat16)`, `.half()` etc. cast the projections but leave the inner loop's
-        # parameters at float32: the per-token updates (~1e-3) vanish in bf16 rounding.
         super()._apply(fn, recurse)
-        for _, param in self.inner_parameters():
-            if param.dtype in (torch.bfloat16, torch.float16):
-                param.data = param.data.float()
-                if param.grad is not None:
-                    param.grad.data = param.grad.data.float()
+        restore_float32(p for _, p in self.inner_parameters())
         return self
 
     def _inner_dtype(self) -> torch.dtype:

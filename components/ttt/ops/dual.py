@@ -62,8 +62,10 @@ def _completions(offsets: List[int], lengths: List[int], K: int, n: int, H: int,
     result = []
     for m in range(n):
         done = [(m + 1) * K <= o + L for o, L in zip(offsets, lengths)]
-        mask = torch.tensor(done, device=device).repeat_interleave(H)
-        result.append(True if all(done) else False if not any(done) else mask)
+        if all(done) or not any(done):
+            result.append(all(done))
+        else:
+            result.append(torch.tensor(done, device=device).repeat_interleave(H))
     return result
 
 
@@ -157,7 +159,7 @@ def _scan(mlp, q, k, v, lr, token_eta, ln_w, ln_b, rope, weights, pending, compl
     eta_col, eta_last = token_eta.view(-1, 1), token_eta[-1]
     kept = []
     for m in range(q.shape[0]):
-        pre = _step_inputs(q[m], k[m], v[m], lr[m].contiguous(), token_eta, rope)
+        pre = _step_inputs(q[m], k[m], v[m], lr[m], token_eta, rope)
         if mlp:
             z_bar, updates, cache = mlp_fwd(
                 pre.q, pre.k, pre.target, pre.eta, pre.attn1, pre.lr_k, pre.lr, eta_col, ln_w, ln_b, *weights, pending
@@ -234,7 +236,7 @@ class _DualScan(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, mlp, completions, segment, rope_base, q, k, v, lr, token_eta, ln_w, ln_b, *carry):
+    def forward(ctx, mlp, completions, segment, needs_backward, rope_base, q, k, v, lr, token_eta, ln_w, ln_b, *carry):
         n_w = 4 if mlp else 2
         n, B, H = q.shape[:3]
         rope = _rope_factors(q.shape[-2], q.shape[-1], rope_base, q.dtype, q.device)
@@ -247,7 +249,7 @@ class _DualScan(torch.autograd.Function):
             starts.append((weights, pending))
             weights, pending, seg_kept = _scan(
                 mlp, q[s:e], k[s:e], v[s:e], lr[s:e], token_eta, ln_w3, ln_b3, rope, weights, pending,
-                completions[s:e], out=out[s:e], keep=segment == n,
+                completions[s:e], out=out[s:e], keep=needs_backward and segment == n,
             )
             kept += seg_kept
         leaves, ctx.spec = tree_flatten((starts, kept))
@@ -296,7 +298,7 @@ class _DualScan(torch.autograd.Function):
             d_ln_w += d_w.unsqueeze(1)
             d_ln_b += d_b.unsqueeze(1)
         d_initial = _unfold(d_weights + (d_pending if ctx.initial_pending else ()), B, H)
-        return (None, None, None, None, *grads_out, d_token_eta, d_ln_w, d_ln_b) + d_initial
+        return (None, None, None, None, None, *grads_out, d_token_eta, d_ln_w, d_ln_b) + d_initial
 
 
 def ttt_dual(
@@ -323,8 +325,8 @@ def ttt_dual(
             current mini-batch.
         lengths: ``[B]`` number of real tokens of each row (right padding after them).
         rope_base: RoPE on q and k at each token's position inside its mini-batch.
-        checkpoint_group_size: when > 0 and gradients are on, recompute the scan in
-            backward, in groups of this many mini-batches, instead of storing it.
+        checkpoint_group_size: when > 0, keep only every this many mini-batches' weights
+            and recompute the scan in backward one group at a time, instead of storing it.
 
     Returns:
         ``(out, state)``: out ``[B, T, H, f]`` is ``q + LN(f(q))`` (q after RoPE) for each token with the
@@ -361,8 +363,12 @@ def ttt_dual(
         inside = (state.offset > 0).view(B, 1, 1, 1)  # rows at a boundary have nothing pending
         pending = tuple(torch.where(inside, G, 0.0) for G in state.grads())
     segment = checkpoint_group_size if 0 < checkpoint_group_size < n else n
+    # Without a backward to come (inference, decoding), the scan keeps no per-step caches.
+    leaves = (xq, xk, xv, lr, token_eta, ln_weight, ln_bias, *weights, *(pending or ()))
+    needs_backward = torch.is_grad_enabled() and any(t.requires_grad for t in leaves)
     out_grid, *carry = _DualScan.apply(
-        state.is_mlp, completions, segment, rope_base, q, k, v, lr_grid, token_eta, ln_w, ln_b, *weights, *(pending or ())
+        state.is_mlp, completions, segment, needs_backward, rope_base, q, k, v, lr_grid, token_eta, ln_w, ln_b,
+        *weights, *(pending or ()),
     )
     new_weights = tuple(carry[: len(weights)])
     new_grads = tuple(carry[len(weights) :]) or tuple(torch.zeros_like(w) for w in new_weights)
