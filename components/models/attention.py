@@ -4,7 +4,9 @@ Runs on a torchtune ``MultiHeadAttention``'s own projections and RoPE (so parame
 checkpoints and LoRA wrappers stay torchtune's). The memory keeps the last ``memory_len``
 keys (before RoPE) and values, detached; each call rotates memory and new keys at positions
 counted from the memory's start, so scores depend only on distances and a conversation read
-in chunks sees what it would see in one call.
+in chunks sees what it would see in one call. Each memory entry has a validity flag per row:
+padding never enters as a visible key, and a batch slot that starts a new conversation
+forgets its old one (:meth:`KVMemory.forget`) while the other rows keep theirs.
 """
 
 from typing import NamedTuple, Optional, Tuple
@@ -16,13 +18,25 @@ from torchtune.modules import MultiHeadAttention
 
 
 class KVMemory(NamedTuple):
-    """Keys (before RoPE) and values of the last tokens seen, ``[B, n_kv, M, head_dim]`` each."""
+    """Keys (before RoPE) and values of the last tokens seen, ``[B, n_kv, M, head_dim]`` each,
+    and ``valid [B, M]`` bool: which entries a row's queries may see (False: padding, or a
+    conversation the row has forgotten)."""
 
     k: Tensor
     v: Tensor
+    valid: Tensor
 
     def detach(self) -> "KVMemory":
-        return KVMemory(self.k.detach(), self.v.detach())
+        return KVMemory(self.k.detach(), self.v.detach(), self.valid)
+
+    def forget(self, rows: Tensor) -> "KVMemory":
+        """The memory with the rows where ``rows [B]`` (bool) is True emptied.
+
+        Their keys and values are zeroed too: a masked NaN would still poison the attention
+        output (its weight is 0, and 0 * NaN is NaN).
+        """
+        drop = rows.view(-1, 1, 1, 1)
+        return KVMemory(self.k.masked_fill(drop, 0.0), self.v.masked_fill(drop, 0.0), self.valid & ~rows.unsqueeze(1))
 
 
 def _allowed(T: int, M: int, window: Optional[int], device) -> Tensor:
@@ -33,6 +47,14 @@ def _allowed(T: int, M: int, window: Optional[int], device) -> Tensor:
     if window is not None:
         allowed &= k_pos > q_pos - window
     return allowed
+
+
+def _key_validity(memory: Optional[KVMemory], mask: Optional[Tensor], B: int, T: int, device) -> Optional[Tensor]:
+    """``[B, M+T]`` bool: which keys are real (None: all of them)."""
+    if memory is None and mask is None:
+        return None
+    new = mask if mask is not None else torch.ones(B, T, dtype=torch.bool, device=device)
+    return new if memory is None else torch.cat([memory.valid, new], dim=1)
 
 
 def windowed_attention(
@@ -50,9 +72,8 @@ def windowed_attention(
         memory: keys/values of earlier calls, or None.
         window: each token sees at most this many tokens, itself included (None: all).
         memory_len: how many of the last keys/values to return as the new memory (0: none).
-        mask: unused by the attention itself (padding is right-aligned, so causal attention
-            never lets a real token see it); a row with padding has ended its conversation,
-            and its memory is meaningless until the slot is reset.
+        mask: ``[B, T]`` bool, True for real tokens (right-padded). Padding is never a visible
+            key of a later call; within the call causal order already hides it from real tokens.
 
     Returns:
         ``(y, memory)``: y ``[B, T, D]``; the new memory (detached) or None.
@@ -73,10 +94,16 @@ def windowed_attention(
         v_all = v.repeat_interleave(n_h // n_kv, dim=1)
     else:
         v_all = v
-    allowed = _allowed(T, M, window, x.device)
+    allowed = _allowed(T, M, window, x.device)  # [T, M+T]
+    valid = _key_validity(memory, mask, B, T, x.device)  # [B, M+T] or None
+    if valid is not None and memory is not None:
+        # Each query sees itself, so no row of the mask is empty even for a forgotten memory.
+        allowed = allowed & valid[:, None, None, :]  # [B, 1, T, M+T]
     y = F.scaled_dot_product_attention(q, k_rot, v_all, attn_mask=allowed)  # [B,n_h,T,h_d]
     y = attn.output_proj(y.transpose(1, 2).reshape(B, T, n_h * h_d))
     new_memory = None
     if memory_len > 0:
-        new_memory = KVMemory(k[:, :, -memory_len:], v[:, :, -memory_len:]).detach()
+        if valid is None:
+            valid = torch.ones(B, M + T, dtype=torch.bool, device=x.device)
+        new_memory = KVMemory(k[:, :, -memory_len:], v[:, :, -memory_len:], valid[:, -memory_len:]).detach()
     return y, new_memory

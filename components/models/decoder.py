@@ -30,15 +30,21 @@ class DecoderLayer(nn.Module):
         self.window: Optional[int] = None
         self.memory_len = 0
 
-    def forward(self, x: Tensor, state, mask: Optional[Tensor] = None):
-        """Returns ``(x, state)``; the state is ``(KVMemory or None, TTTState or None)``."""
+    def forward(self, x: Tensor, state, mask: Optional[Tensor] = None, reset: Optional[Tensor] = None):
+        """Returns ``(x, state)``; the state is ``(KVMemory or None, TTTState or None)``.
+
+        ``reset [B]`` (bool) starts those rows' conversations afresh: their memory is
+        forgotten and their TTT state re-initialised (inside the TTT layer's forward).
+        """
         memory, ttt_state = state if state is not None else (None, None)
+        if memory is not None and reset is not None:
+            memory = memory.forget(reset)
         h = self.sa_norm(x)
         out = 0.0
         if self.attn is not None:
             out, memory = windowed_attention(self.attn, h, memory, self.window, self.memory_len, mask)
         if self.ttt is not None:
-            y, ttt_state = self.ttt(h, state=ttt_state, mask=mask)
+            y, ttt_state = self.ttt(h, state=ttt_state, mask=mask, reset=reset)
             out = out + (self.ttt_gate(y) if self.ttt_gate is not None else y)
         x = x + out
         return x + self.mlp(self.mlp_norm(x)), (memory, ttt_state)
@@ -51,12 +57,12 @@ class OmniDecoder(nn.Module):
         super().__init__()
         self.tok_embeddings, self.layers, self.norm, self.output = tok_embeddings, nn.ModuleList(layers), norm, output
 
-    def forward(self, h: Tensor, states: Optional[tuple] = None, mask: Optional[Tensor] = None):
+    def forward(self, h: Tensor, states: Optional[tuple] = None, mask: Optional[Tensor] = None, reset: Optional[Tensor] = None):
         """``h [B, T, D]`` embeddings -> ``(final hidden [B, T, D] after the norm, states)``."""
         states = states if states is not None else (None,) * len(self.layers)
         new_states = []
         for layer, state in zip(self.layers, states):
-            h, state = layer(h, state, mask)
+            h, state = layer(h, state, mask, reset)
             new_states.append(state)
         return self.norm(h), tuple(new_states)
 

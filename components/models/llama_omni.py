@@ -116,12 +116,15 @@ class LlamaOmni(nn.Module):
         labels: Optional[Tensor] = None,
         units: Optional[Tensor] = None,
         speech_starts: Optional[Tensor] = None,
+        reset: Optional[Tensor] = None,
     ) -> LlamaOmniOutput:
         """
         Args:
             tokens: ``[B, T]`` token ids with ``SPEECH_TOKEN_ID`` at speech positions.
             speech: ``[U, n_mels, frames]`` log-mel features of the batch's utterances, in order.
             state: the conversations' state after the previous chunk; None starts fresh.
+            reset: ``[B]`` bool: rows that start a new conversation (their part of ``state``
+                is dropped); the recipe's batch slots.
             mask: ``[B, T]`` bool, True for real tokens (right-padded).
             speech_lengths, speech_starts: ``[U]`` which positions of each utterance fill its
                 placeholders (default: all of them); see :meth:`embed`.
@@ -129,7 +132,7 @@ class LlamaOmni(nn.Module):
             units: ``[B, U_max]`` target speech units (-100 padded): the CTC loss is returned.
         """
         h = self.embed(tokens, speech, speech_lengths, speech_starts)
-        hidden, layer_states = self.decoder(h, None if state is None else state.layers, mask)
+        hidden, layer_states = self.decoder(h, None if state is None else state.layers, mask, reset)
         ctc_loss = None
         if units is not None:
             if labels is None:

@@ -137,7 +137,17 @@ class _TTTBase(nn.Module):
         offset = torch.zeros(batch_size, dtype=torch.long, device=self.W1.device)
         return TTTState.from_parts(weights, grads, offset)
 
-    def _check_inputs(self, x: Tensor, state: Optional[TTTState], mask: Optional[Tensor]) -> Tensor:
+    def reset_rows(self, state: TTTState, rows: Tensor) -> TTTState:
+        """``state`` with the streams where ``rows [B]`` (bool) is True started afresh.
+
+        Fresh rows read the parameters (gradients reach them); the others keep their state.
+        Call it inside forward (``reset=``): under FSDP the parameters are whole only there.
+        """
+        fresh = self.init_state(state.batch_size)
+        pick = lambda new, old: None if old is None else torch.where(rows.view(-1, *[1] * (old.dim() - 1)), new, old)  # noqa: E731
+        return TTTState(*(pick(new, old) for new, old in zip(fresh, state)))
+
+    def _check_inputs(self, x: Tensor, state: Optional[TTTState], mask: Optional[Tensor], reset: Optional[Tensor]) -> Tensor:
         """Validates the arguments of forward; returns the number of real tokens per row."""
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must be [B, T, {self.embed_dim}], got {tuple(x.shape)}")
@@ -149,6 +159,8 @@ class _TTTBase(nn.Module):
                 raise ValueError(f"state is for {state.batch_size} streams but x has batch size {B}")
             if state.is_mlp != (self.inner_expansion > 1):
                 raise ValueError(f"state is a TTT-{'MLP' if state.is_mlp else 'Linear'} state, not for {type(self).__name__}")
+        if reset is not None and (reset.shape != (B,) or reset.dtype != torch.bool):
+            raise ValueError(f"reset must be a bool tensor of shape {(B,)}, got {reset.dtype} {tuple(reset.shape)}")
         if mask is None:
             return torch.full((B,), T, dtype=torch.long, device=x.device)
         if mask.shape != (B, T) or mask.dtype != torch.bool:
@@ -160,7 +172,9 @@ class _TTTBase(nn.Module):
             )
         return mask.sum(dim=1)
 
-    def forward(self, x: Tensor, state: Optional[TTTState] = None, mask: Optional[Tensor] = None) -> Tuple[Tensor, TTTState]:
+    def forward(
+        self, x: Tensor, state: Optional[TTTState] = None, mask: Optional[Tensor] = None, reset: Optional[Tensor] = None
+    ) -> Tuple[Tensor, TTTState]:
         """Reads a chunk of B streams, learning from it as it goes.
 
         Args:
@@ -168,14 +182,17 @@ class _TTTBase(nn.Module):
             state: the streams' state after the previous chunk; None starts fresh.
             mask: ``[B, T]`` bool, True for real tokens, right-padded. Padding changes neither
                 the outputs of real tokens nor the state; its outputs are zero.
+            reset: ``[B]`` bool: these streams start afresh instead of from ``state``.
 
         Returns:
             ``(y, state)``: y ``[B, T, D]`` in x's dtype; the state after each row's last real token.
         """
-        lengths = self._check_inputs(x, state, mask)
+        lengths = self._check_inputs(x, state, mask, reset)
         dtype = self._inner_dtype()
         if state is None:
             state = self.init_state(x.shape[0])
+        elif reset is not None:
+            state = self.reset_rows(state, reset)
         T, C = x.shape[1], self.chunk_size
         if C == 0 or T <= C:
             return self._forward_chunk(x, state, mask, lengths, dtype)

@@ -6,6 +6,7 @@ import torch
 from torchtune.modules import RotaryPositionalEmbeddings
 
 from components.models import convert_to_ttt, llama_omni_tiny, ttt_modules, ttt_parameters
+from components.models.llama_omni import OmniState
 from components.ttt import TTTLinear, TTTMLP, TTTState
 from components.ttt.ops.common import rope_angles, rope_rotate
 
@@ -112,3 +113,31 @@ def test_bad_conversions_are_refused_by_name():
     convert_to_ttt(model, [1])
     with pytest.raises(ValueError, match=r"layers \[1\] are already TTT layers"):
         convert_to_ttt(model, [1, 2])
+
+
+def test_slots_reset_mid_batch_forget_their_old_conversation_only():
+    """Row 0 carries its state; row 1 ended with padding and poisoned state, then starts afresh:
+    each row equals that row alone, and the fresh row's loss reaches the initial fast weights."""
+    torch.manual_seed(0)
+    model = convert_to_ttt(_tiny(attention_window=24, memory_len=24), [1, 2], mode="parallel", mini_batch_size=16)
+    model.eval()
+    a, b_old, b_new = (torch.randint(0, 512, (1, T)) for T in (70, 40, 30))
+    first_tokens = torch.cat([a[:, :40], b_old])
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[1, 33:] = False  # row 1's conversation ends with padding
+    with torch.no_grad():
+        first = model(first_tokens, mask=mask)
+    poisoned = []
+    for memory, ttt_state in first.state.layers:  # a NaN in the forgotten row must not leak
+        poisoned.append((memory._replace(v=memory.v.index_fill(0, torch.tensor([1]), float("nan"))),
+                         None if ttt_state is None else ttt_state._replace(W1=ttt_state.W1.index_fill(0, torch.tensor([1]), float("nan")))))
+    second_tokens = torch.cat([a[:, 40:], b_new])
+    out = model(second_tokens, state=OmniState(tuple(poisoned)), reset=torch.tensor([False, True]))
+    with torch.no_grad():
+        a_whole = model(a).logits[:, 40:]
+        b_alone = model(b_new).logits
+    torch.testing.assert_close(out.logits[:1], a_whole, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.logits[1:], b_alone, rtol=1e-4, atol=1e-4)
+    out.logits[1].sum().backward()
+    ttt = model.decoder.layers[1].ttt
+    assert ttt.W1.grad is not None and torch.isfinite(ttt.W1.grad).all() and ttt.W1.grad.abs().sum() > 0
