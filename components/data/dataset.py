@@ -76,6 +76,7 @@ class ConversationDataset:
 class Batch:
     tokens: Tensor  # [B, T] long, T a multiple of pad_multiple
     labels: Tensor  # [B, T] long, -100 outside assistant tokens and at padding
+    targets: Tensor  # [B, T] long, the label of each token's successor in its stream (score logits on it)
     mask: Tensor  # [B, T] bool, True for real tokens (right-padded)
     speech: Optional[Tensor]  # [U, 128, 3000] pieces in placeholder order, or None
     speech_starts: Optional[Tensor]  # [U] first position of each piece this batch uses
@@ -95,6 +96,7 @@ def collate(step: Step, dataset: ConversationDataset, window: int, pad_multiple:
     B = len(step)
     tokens = torch.full((B, T), pad_id, dtype=torch.long)
     labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    targets = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros(B, T, dtype=torch.bool)
     pieces, starts, lengths = [], [], []
     for row, w in enumerate(windows):
@@ -103,6 +105,7 @@ def collate(step: Step, dataset: ConversationDataset, window: int, pad_multiple:
         n = len(w.tokens)
         tokens[row, :n] = torch.tensor(w.tokens)
         labels[row, :n] = torch.tensor(w.labels)
+        targets[row, :n] = torch.tensor(w.targets)
         mask[row, :n] = True
         for span, first, count in w.speech:
             pieces.append(dataset.features(span.audio, span.piece))
@@ -112,6 +115,7 @@ def collate(step: Step, dataset: ConversationDataset, window: int, pad_multiple:
     return Batch(
         tokens=tokens,
         labels=labels,
+        targets=targets,
         mask=mask,
         speech=torch.stack(pieces) if pieces else None,
         speech_starts=torch.tensor(starts) if pieces else None,

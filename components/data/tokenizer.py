@@ -67,13 +67,18 @@ class SpeechSpan:
 @dataclass(frozen=True)
 class StreamWindow:
     """Tokens ``[start, start + len)`` of a stream and the speech they hold: for each piece,
-    ``(span, first position used, positions used)`` (a window may cut a piece)."""
+    ``(span, first position used, positions used)`` (a window may cut a piece).
+
+    ``targets[t]`` is the label of the token after ``tokens[t]`` in the stream, so the last
+    token of a window is scored on the first token of the next one, as in one long window.
+    """
 
     conversation: str
     index: int
     start: int
     tokens: List[int]
     labels: List[int]
+    targets: List[int]
     speech: List[Tuple[SpeechSpan, int, int]]
 
 
@@ -97,7 +102,10 @@ class ConversationStream:
             first, last = max(start, span.start), min(end, span.start + span.positions)
             if first < last:
                 pieces.append((span, first - span.start, last - first))
-        return StreamWindow(self.id, index, start, self.tokens[start:end], self.labels[start:end], pieces)
+        targets = self.labels[start + 1 : end + 1]
+        if end == len(self.tokens):
+            targets.append(IGNORE_INDEX)  # the stream's last token predicts nothing
+        return StreamWindow(self.id, index, start, self.tokens[start:end], self.labels[start:end], targets, pieces)
 
 
 def _header(tok: ChatTokenizer, role: str) -> List[int]:

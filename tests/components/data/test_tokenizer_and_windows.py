@@ -63,6 +63,7 @@ def test_windows_tile_the_stream_and_cut_speech_runs(tmp_path, tok):
     windows = [stream.window(i, size) for i in range(-(-len(stream) // size))]
     assert sum((w.tokens for w in windows), []) == stream.tokens
     assert sum((w.labels for w in windows), []) == stream.labels
+    assert sum((w.targets for w in windows), []) == stream.labels[1:] + [-100]  # next-token labels across cuts
     for span in stream.speech:
         used = [(first, count) for w in windows for s, first, count in w.speech if s == span]
         assert sum(c for _, c in used) == span.positions and used[0][0] == 0
