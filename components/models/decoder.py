@@ -45,7 +45,10 @@ class DecoderLayer(nn.Module):
             out, memory = windowed_attention(self.attn, h, memory, self.window, self.memory_len, mask)
         if self.ttt is not None:
             y, ttt_state = self.ttt(h, state=ttt_state, mask=mask, reset=reset)
-            out = out + (self.ttt_gate(y) if self.ttt_gate is not None else y)
+            y = self.ttt_gate(y) if self.ttt_gate is not None else y
+            # Under FSDP the TTT modules compute in float32 (their own policy); the residual
+            # stream keeps its dtype.
+            out = out + y.to(x.dtype)
         x = x + out
         return x + self.mlp(self.mlp_norm(x)), (memory, ttt_state)
 

@@ -34,8 +34,23 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, ttt_lr: float
     return [g for g in groups if g["params"]]
 
 
+def cast_for_training(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Casts the model to ``dtype`` but keeps its TTT layers and gates wholly float32 (in place).
+
+    The inner-loop parameters stay float32 under any cast anyway; the TTT projections are
+    kept float32 too, so that each TTT module has one dtype (one FSDP2 group, one policy).
+    """
+    model.to(dtype)
+    for module in model.ttt_modules():
+        module.float()
+    return model
+
+
 class FP32Guard:
-    """Checks that every TTT inner parameter and gate (and its gradient) is float32.
+    """Checks that TTT parameters (and their gradients) are float32.
+
+    Watched: every TTT inner parameter and gate, and every other TTT parameter that is
+    float32 when the guard is made (after :func:`cast_for_training`: all of them).
 
     Args:
         model: the converted model; the parameters to watch are found once, by ownership.
@@ -48,6 +63,7 @@ class FP32Guard:
             for name in names:
                 if hasattr(module, name):
                     owned[id(getattr(module, name))] = True
+            owned.update((id(p), True) for p in module.parameters() if p.dtype == torch.float32)
         self.watched = [(name, p) for name, p in model.named_parameters() if id(p) in owned]
 
     def check(self, step: Optional[int] = None) -> None:

@@ -212,6 +212,9 @@ class _TTTBase(nn.Module):
     def _forward_chunk(self, x: Tensor, state: TTTState, mask: Optional[Tensor], lengths: Tensor, dtype: torch.dtype):
         B, T, D = x.shape
         H, f, K = self.num_heads, self.head_dim, self.mini_batch_size
+        # A bf16 model may keep its TTT layers wholly float32: compute in the projections'
+        # dtype, return in the caller's.
+        out_dtype, x = x.dtype, x.to(self.q_proj.weight.dtype)
         if mask is not None:
             # Zero the padding first, so that even NaN or inf there cannot reach a gradient.
             x = torch.where(mask.unsqueeze(-1), x, 0.0)
@@ -235,7 +238,7 @@ class _TTTBase(nn.Module):
         y = self.o_proj(y)
         if mask is not None:
             y = torch.where(mask.unsqueeze(-1), y, 0.0)
-        return y, state
+        return y.to(out_dtype), state
 
 
 class TTTLinear(_TTTBase):

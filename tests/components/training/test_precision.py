@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from components.models import convert_to_ttt, llama_omni_tiny
-from components.training import FP32Guard, param_groups
+from components.training import FP32Guard, cast_for_training, param_groups
 
 
 def _model():
@@ -42,4 +42,21 @@ def test_guard_passes_then_names_a_downcast_parameter_and_gradient():
     gate.grad_dtype = None  # torch refuses a gradient of another dtype unless told to accept one
     gate.grad = torch.zeros_like(gate, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match=r"gradient of TTT parameter decoder\.layers\.1\.ttt_gate\.alpha"):
+        guard.check()
+
+
+def test_cast_for_training_keeps_ttt_modules_wholly_float32_and_the_guard_watches_them():
+    torch.manual_seed(0)
+    model = cast_for_training(convert_to_ttt(llama_omni_tiny(), [1, 3], mode="parallel"), torch.bfloat16)
+    ttt = {id(p) for p in model.ttt_parameters()}
+    for name, p in model.named_parameters():
+        assert p.dtype == (torch.float32 if id(p) in ttt else torch.bfloat16), name
+    guard = FP32Guard(model)
+    assert {id(p) for _, p in guard.watched} == ttt
+    out = model(torch.randint(0, 512, (2, 40)))
+    assert out.logits.dtype == torch.bfloat16 and out.hidden.dtype == torch.bfloat16
+    out.logits.float().sum().backward()
+    guard.check(step=1)
+    model.decoder.layers[1].ttt.o_proj.weight.data = model.decoder.layers[1].ttt.o_proj.weight.data.bfloat16()
+    with pytest.raises(RuntimeError, match=r"decoder\.layers\.1\.ttt\.o_proj\.weight is torch\.bfloat16"):
         guard.check()
