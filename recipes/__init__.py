@@ -1,0 +1,1 @@
+"""Recipes: one self-contained training script per file, run with ``tune run recipes/<name>``."""
