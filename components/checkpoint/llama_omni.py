@@ -10,7 +10,7 @@ each file written to a temporary name and renamed, the config last.
 import json
 import os
 from pathlib import Path
-from typing import Dict, Iterable, List, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from safetensors import safe_open
@@ -190,12 +190,18 @@ def _atomic_write(write, target: Path):
     os.replace(tmp, target)
 
 
-def save_llama_omni(model: LlamaOmni, path: Union[str, Path], max_shard_bytes: int = 5 * 2**30) -> None:
-    """Writes ``model`` at ``path`` in the Llama-Omni HF layout (shards of at most ``max_shard_bytes``)."""
+def save_llama_omni(
+    model: LlamaOmni, path: Union[str, Path], max_shard_bytes: int = 5 * 2**30, state_dict: Optional[dict] = None
+) -> None:
+    """Writes ``model`` at ``path`` in the Llama-Omni HF layout (shards of at most ``max_shard_bytes``).
+
+    ``state_dict`` replaces ``model.state_dict()``: a sharded (FSDP) model passes its gathered
+    full state dict (``torch.distributed.checkpoint.state_dict.get_model_state_dict``).
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     builder = {k: v for k, v in model.config.items() if k != "ttt"}
-    tensors = hf_state_dict(model.state_dict(), _names(builder))
+    tensors = hf_state_dict(model.state_dict() if state_dict is None else state_dict, _names(builder))
     shards, current, size = [], {}, 0
     for key, tensor in tensors.items():
         nbytes = tensor.numel() * tensor.element_size()

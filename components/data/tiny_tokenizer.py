@@ -70,3 +70,10 @@ def save_tiny_tokenizer(path: Union[str, Path], vocab_size: int = 512) -> None:
         "model_max_length": 2048,
     }
     (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def tiny_chat_tokenizer(vocab_size: int = 512):
+    """The tiny tokenizer as a :class:`components.data.tokenizer.ChatTokenizer`, built in memory."""
+    from components.data.tokenizer import ChatTokenizer  # the tokenizer module imports this one
+
+    return ChatTokenizer.from_tokenizers(build_tiny_tokenizer(vocab_size))

@@ -37,14 +37,18 @@ class ChatTokenizer:
         self.encode, self.special_ids, self.system_prompt = encode, dict(special_ids), system_prompt
 
     @classmethod
+    def from_tokenizers(cls, tokenizer, system_prompt: str = SYSTEM_PROMPT) -> "ChatTokenizer":
+        """From a ``tokenizers.Tokenizer`` (the format of Llama-3.1's ``tokenizer.json``)."""
+        specials = {t: tokenizer.token_to_id(t) for t in SPECIALS if tokenizer.token_to_id(t) is not None}
+        return cls(lambda text: tokenizer.encode(text, add_special_tokens=False).ids, specials, system_prompt)
+
+    @classmethod
     def from_dir(cls, path: Union[str, Path], system_prompt: str = SYSTEM_PROMPT) -> "ChatTokenizer":
         path = Path(path)
         if (path / "tokenizer.json").exists():
             from tokenizers import Tokenizer
 
-            tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-            specials = {t: tokenizer.token_to_id(t) for t in SPECIALS if tokenizer.token_to_id(t) is not None}
-            return cls(lambda text: tokenizer.encode(text, add_special_tokens=False).ids, specials, system_prompt)
+            return cls.from_tokenizers(Tokenizer.from_file(str(path / "tokenizer.json")), system_prompt)
         if (path / "original" / "tokenizer.model").exists():
             from torchtune.models.llama3 import llama3_tokenizer
 
@@ -52,6 +56,12 @@ class ChatTokenizer:
             specials = {t: tokenizer.special_tokens[t] for t in SPECIALS if t in tokenizer.special_tokens}
             return cls(lambda text: tokenizer.encode(text, add_bos=False, add_eos=False), specials, system_prompt)
         raise FileNotFoundError(f"{path} has neither tokenizer.json nor original/tokenizer.model")
+
+
+def chat_tokenizer(path: Union[str, Path]) -> ChatTokenizer:
+    """The tokenizer of a checkpoint directory, for configs
+    (``_component_: components.data.tokenizer.chat_tokenizer``)."""
+    return ChatTokenizer.from_dir(path)
 
 
 @dataclass(frozen=True)

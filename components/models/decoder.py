@@ -60,6 +60,12 @@ class OmniDecoder(nn.Module):
         super().__init__()
         self.tok_embeddings, self.layers, self.norm, self.output = tok_embeddings, nn.ModuleList(layers), norm, output
 
+    def set_attention_window(self, window: Optional[int], memory_len: int) -> None:
+        """Every attention layer sees at most ``window`` tokens (None: all) and carries the
+        keys/values of its last ``memory_len`` tokens to the next call."""
+        for layer in self.layers:
+            layer.window, layer.memory_len = window, memory_len
+
     def forward(self, h: Tensor, states: Optional[tuple] = None, mask: Optional[Tensor] = None, reset: Optional[Tensor] = None):
         """``h [B, T, D]`` embeddings -> ``(final hidden [B, T, D] after the norm, states)``."""
         states = states if states is not None else (None,) * len(self.layers)

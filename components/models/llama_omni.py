@@ -11,7 +11,9 @@ import math
 from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from components.models.decoder import OmniDecoder
 from components.models.speech import SpeechEncoder
@@ -36,10 +38,18 @@ class OmniState(NamedTuple):
 
 
 class LlamaOmniOutput(NamedTuple):
-    logits: Tensor  # [B, T, vocab]
+    logits: Optional[Tensor]  # [B, T, vocab]; None when ``targets`` are given (the loss instead)
     state: OmniState
     hidden: Tensor  # [B, T, D], after the final norm
     ctc_loss: Optional[Tensor]  # when unit targets are given
+    token_loss: Optional[Tensor] = None  # [B] float32: each row's summed cross-entropy on ``targets``
+
+
+def _chunk_cross_entropy(output: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
+    """``hidden [B, t, D]``, ``targets [B, t]`` -> ``[B]`` summed cross-entropy (float32)."""
+    logits = output(hidden).float()  # [B, t, vocab]
+    losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
+    return losses.view(targets.shape).sum(dim=1)
 
 
 class LlamaOmni(nn.Module):
@@ -117,6 +127,8 @@ class LlamaOmni(nn.Module):
         units: Optional[Tensor] = None,
         speech_starts: Optional[Tensor] = None,
         reset: Optional[Tensor] = None,
+        targets: Optional[Tensor] = None,
+        loss_chunk_size: int = 4096,
     ) -> LlamaOmniOutput:
         """
         Args:
@@ -130,6 +142,10 @@ class LlamaOmni(nn.Module):
                 placeholders (default: all of them); see :meth:`embed`.
             labels: ``[B, T]`` token labels (-100 outside the response); needed with ``units``.
             units: ``[B, U_max]`` target speech units (-100 padded): the CTC loss is returned.
+            targets: ``[B, T]`` the label each position's logits are scored on (-100: none).
+                Then the summed cross-entropy per row is returned instead of the logits,
+                computed ``loss_chunk_size`` positions at a time and recomputed in backward,
+                so ``[B, T, vocab]`` logits never exist at once (128k vocab x 64k tokens).
         """
         h = self.embed(tokens, speech, speech_lengths, speech_starts)
         hidden, layer_states = self.decoder(h, None if state is None else state.layers, mask, reset)
@@ -138,4 +154,10 @@ class LlamaOmni(nn.Module):
             if labels is None:
                 raise ValueError("the CTC loss needs labels (which positions are the response) with units")
             ctc_loss = self.speech_generator(hidden, labels, units)
-        return LlamaOmniOutput(self.decoder.output(hidden), OmniState(layer_states), hidden, ctc_loss)
+        if targets is None:
+            return LlamaOmniOutput(self.decoder.output(hidden), OmniState(layer_states), hidden, ctc_loss)
+        token_loss = sum(
+            checkpoint(_chunk_cross_entropy, self.decoder.output, h, t, use_reentrant=False)
+            for h, t in zip(hidden.split(loss_chunk_size, dim=1), targets.split(loss_chunk_size, dim=1))
+        )
+        return LlamaOmniOutput(None, OmniState(layer_states), hidden, ctc_loss, token_loss)

@@ -121,3 +121,21 @@ def test_a_conversation_in_chunks_with_windowed_attention_and_memory():
     chunked = torch.cat([first.logits, second.logits, third.logits], dim=1)
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
     assert all(layer[0].k.shape[2] == 32 for layer in second.state.layers)
+
+
+def test_chunked_token_loss_equals_cross_entropy_of_the_logits_with_its_gradients():
+    torch.manual_seed(0)
+    model = llama_omni_tiny()
+    tokens = torch.randint(0, 512, (2, 50))
+    targets = torch.randint(0, 512, (2, 50)).masked_fill(torch.rand(2, 50) < 0.3, -100)
+    logits = model(tokens).logits
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(2, 50).sum(1)
+    expected.sum().backward()
+    wanted = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    out = model(tokens, targets=targets, loss_chunk_size=16)  # 4 chunks, the last partial
+    assert out.logits is None and out.token_loss.shape == (2,)
+    torch.testing.assert_close(out.token_loss, expected)
+    out.token_loss.sum().backward()
+    for got, want in zip([p.grad for p in model.parameters() if p.grad is not None], wanted):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
