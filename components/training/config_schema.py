@@ -100,7 +100,7 @@ def _check(value, spec, where: str) -> None:
         if value not in spec.values:
             raise ConfigError(f"config key {where}={value!r}; expected one of {list(spec.values)}")
     elif isinstance(spec, tuple):  # any of several kinds
-        if not any(_is(value, kind) or (isinstance(kind, OneOf) and value in kind.values) for kind in spec):
+        if not any((value in kind.values) if isinstance(kind, OneOf) else _is(value, kind) for kind in spec):
             raise ConfigError(f"config key {where}={value!r} has the wrong type; expected {spec}")
     elif not _is(value, spec):
         raise ConfigError(f"config key {where}={value!r} must be {spec.__name__}")

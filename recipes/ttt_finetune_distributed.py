@@ -1,0 +1,345 @@
+"""Fine-tunes Llama-Omni with TTT layers on long speech conversations, state carried across batches.
+
+    tune run recipes/ttt_finetune_distributed --config configs/stage3.yaml
+    tune run --nproc_per_node 8 recipes/ttt_finetune_distributed --config configs/stage3.yaml optimizer.lr=2e-5
+
+Each rank reads ``batch_slots`` conversations at a time, window after window (the stateful
+conversation sampler); each slot's conversation state (TTT fast weights and attention KV
+memory) is carried from step to step, detached (truncated backpropagation through time), and
+reset when the slot starts a new conversation. TTT modules train in float32 inside a bf16
+model. Copy this file to customise it; the reusable parts live in ``components/``.
+
+Order: ``__init__`` validates the config, ``setup`` builds model -> optimizer -> data ->
+scheduler -> monitoring -> checkpoints (resuming if asked), ``train`` is the loop,
+``save_checkpoint`` writes ``<output_dir>/step_<N>``, ``cleanup`` closes loggers.
+"""
+
+import contextlib
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import DictConfig
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torchtune import config
+from tqdm import tqdm
+
+from components.checkpoint import load_llama_omni, save_llama_omni
+from components.data.dataset import ConversationDataset, collate
+from components.data.sampler import StatefulConversationSampler
+from components.models import convert_to_ttt
+from components.monitor import MetricsLogger, NonFiniteError, TTTMonitor, check_loss, check_parameters, check_states
+from components.training import FP32Guard, cast_for_training, param_groups, parallelize
+from components.training.checkpointing import TrainingCheckpointer, state_from_dict, state_to_dict
+from components.training.config_schema import Component, ConfigError, Nullable, OneOf, validate_config
+from components.training.distributed import all_reduce, init_distributed, is_distributed
+from components.training.trainable import set_trainable
+
+# Every key this recipe reads; anything else in a config is refused before work starts.
+SCHEMA = {
+    "output_dir": str,
+    "seed": int,
+    "device": OneOf("cpu", "cuda"),
+    "dtype": OneOf("bf16", "fp32"),
+    "model": {
+        "checkpoint_dir": Nullable(str),  # a Llama-Omni checkpoint, or null to build `builder` afresh
+        "builder": Nullable(Component()),
+        "attention_window": Nullable(int),
+        "memory_len": int,
+    },
+    "ttt": {
+        "layers": list,
+        "ttt_type": OneOf("linear", "mlp"),
+        "mode": OneOf("replace", "parallel"),
+        "mini_batch_size": int,
+        "base_lr": Nullable(float),
+        "gate_init": float,
+        "init_from_attention": bool,
+        "checkpoint_group_size": int,
+    },
+    "train": list,
+    "tokenizer": Component(),
+    "dataset": {"sources": list, "trim_speech": bool, "on_bad_record": OneOf("raise", "skip")},
+    "shuffle": bool,
+    "window": int,
+    "batch_slots": int,
+    "epochs": int,
+    "max_steps": int,
+    "gradient_accumulation_steps": int,
+    "clip_grad_norm": Nullable(float),
+    "loss_chunk_size": int,
+    "optimizer": Component(passed=("params",)),
+    "ttt_param_group": {"lr": float, "weight_decay": float},
+    "lr_scheduler": Component(passed=("optimizer", "num_training_steps")),
+    "parallelism": {"fsdp": bool, "reshard_after_forward": bool, "cpu_offload": bool},
+    "activation_checkpointing": (int, OneOf("none", "full")),
+    "monitor": {"log_every_n_steps": int, "on_nonfinite": OneOf("raise", "skip")},
+    "metric_logger": Component(),
+    "checkpoint": {"save_every_n_steps": int, "keep_last_n": int},
+    "resume": str,
+}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def check_options(cfg: DictConfig) -> None:
+    """Option combinations the schema cannot express, refused by key before any work."""
+    validate_config(cfg, SCHEMA)
+    if (cfg.model.checkpoint_dir is None) == (cfg.model.builder is None):
+        raise ConfigError("set exactly one of model.checkpoint_dir (a Llama-Omni checkpoint) and model.builder")
+    K = cfg.ttt.mini_batch_size
+    if cfg.window < 1 or cfg.window % K != 0:
+        raise ConfigError(f"window={cfg.window} must be a positive multiple of ttt.mini_batch_size={K}: "
+                          "a window that is not full would leave padding inside a carried conversation")
+    if cfg.model.attention_window is not None and cfg.model.memory_len < cfg.model.attention_window - 1:
+        raise ConfigError(f"model.memory_len={cfg.model.memory_len} < model.attention_window - 1: "
+                          "tokens at the start of each window would see less than the window")
+    if not cfg.ttt.layers:
+        raise ConfigError("ttt.layers is empty: name the decoder layers to convert (e.g. [24, 25, ..., 31])")
+    for key in ("batch_slots", "epochs", "max_steps", "gradient_accumulation_steps", "loss_chunk_size"):
+        if cfg[key] < 1:
+            raise ConfigError(f"{key}={cfg[key]} must be >= 1")
+    for key in ("log_every_n_steps",):
+        if cfg.monitor[key] < 1:
+            raise ConfigError(f"monitor.{key} must be >= 1")
+    if cfg.checkpoint.save_every_n_steps < 1 or cfg.checkpoint.keep_last_n < 1:
+        raise ConfigError("checkpoint.save_every_n_steps and checkpoint.keep_last_n must be >= 1")
+    if cfg.parallelism.cpu_offload and cfg.device != "cuda":
+        raise ConfigError("parallelism.cpu_offload=true needs device=cuda (the parameters are on the CPU already)")
+    if cfg.resume not in ("auto", "none") and not (Path(cfg.resume) / "meta.json").exists():
+        raise ConfigError(f"resume={cfg.resume!r}: expected 'auto', 'none' or a complete step_<N> checkpoint folder")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no GPU is visible")
+
+
+class TTTFinetuneRecipeDistributed:
+    """See the module docstring. Args: cfg: the parsed config (see configs/)."""
+
+    def __init__(self, cfg: DictConfig):
+        check_options(cfg)
+        self.cfg = cfg
+        self.rank, self.world_size = init_distributed(cfg.device)
+        self.device = torch.device(cfg.device)
+        self.dtype = DTYPES[cfg.dtype]
+        self.output_dir = Path(cfg.output_dir)
+        self.step = 0  # optimizer steps done
+        self.skipped_steps = 0
+        self.carried = None  # the slots' OmniState, detached; None before the first step
+        self.pending_reset = torch.zeros(cfg.batch_slots, dtype=torch.bool)  # slots reset by `skip`
+
+    def log(self, message: str) -> None:
+        if self.rank == 0:
+            print(message, file=sys.stderr, flush=True)
+
+    # ----------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.model = self._setup_model()
+        self.guard = FP32Guard(self.model)
+        groups = param_groups(self.model, cfg.optimizer.lr, cfg.optimizer.weight_decay,
+                              cfg.ttt_param_group.lr, cfg.ttt_param_group.weight_decay)
+        self.optimizer = config.instantiate(cfg.optimizer, groups)
+        self.trainable = [p for g in groups for p in g["params"]]
+
+        tokenizer = config.instantiate(cfg.tokenizer)
+        self.dataset = ConversationDataset(list(cfg.dataset.sources), tokenizer, cfg.dataset.trim_speech,
+                                           cfg.dataset.on_bad_record)
+        if self.dataset.report.skipped:
+            self.log(f"skipped {len(self.dataset.report.skipped)} bad records: {self.dataset.report.skipped}")
+        if len(self.dataset) == 0:
+            raise ValueError(f"dataset.sources {list(cfg.dataset.sources)} hold no usable conversation")
+        self.sampler = StatefulConversationSampler(self.dataset.lengths, cfg.window, cfg.batch_slots, self.rank,
+                                                   self.world_size, cfg.seed, cfg.shuffle)
+        self._steps = None  # iterator over the sampler's current epoch
+        self.lr_scheduler = config.instantiate(cfg.lr_scheduler, self.optimizer, num_training_steps=cfg.max_steps)
+
+        self.monitor = TTTMonitor(self.model)
+        self.metrics = MetricsLogger(self.output_dir, config.instantiate(cfg.metric_logger), rank=self.rank)
+        self.checkpointer = TrainingCheckpointer(self.output_dir, cfg.checkpoint.keep_last_n, self.rank, self.world_size)
+        resume_from = self.checkpointer.latest() if cfg.resume == "auto" else None
+        if cfg.resume not in ("auto", "none"):
+            resume_from = Path(cfg.resume)
+        if resume_from is not None:
+            self._load_checkpoint(resume_from)
+
+    def _setup_model(self):
+        cfg = self.cfg
+        if cfg.model.checkpoint_dir is not None:
+            model = load_llama_omni(cfg.model.checkpoint_dir)
+        else:
+            model = config.instantiate(cfg.model.builder)
+        model.decoder.set_attention_window(cfg.model.attention_window, cfg.model.memory_len)
+        layers = [i for i in cfg.ttt.layers if model.decoder.layers[i].ttt is None]  # a TTT checkpoint has some
+        convert_to_ttt(model, layers, ttt_type=cfg.ttt.ttt_type, mode=cfg.ttt.mode,
+                       mini_batch_size=cfg.ttt.mini_batch_size, gate_init=cfg.ttt.gate_init,
+                       init_from_attention=cfg.ttt.init_from_attention, base_lr=cfg.ttt.base_lr,
+                       checkpoint_group_size=cfg.ttt.checkpoint_group_size)
+        counts = set_trainable(model, cfg.train)
+        self.log(f"trainable parameters: {counts}")
+        cast_for_training(model, self.dtype).to(self.device)
+        fsdp = cfg.parallelism.fsdp and is_distributed()
+        if cfg.parallelism.fsdp and not fsdp:
+            self.log("parallelism.fsdp: one process, nothing to shard; running unsharded")
+        if not cfg.parallelism.fsdp and self.world_size > 1:
+            raise ConfigError("parallelism.fsdp=false with several processes: data parallelism here is FSDP2")
+        return parallelize(model, cfg.activation_checkpointing, fsdp=fsdp, param_dtype=self.dtype,
+                           reshard_after_forward=cfg.parallelism.reshard_after_forward,
+                           cpu_offload=cfg.parallelism.cpu_offload)
+
+    # ----------------------------------------------------------------------------- train
+    def _next_step(self):
+        """The sampler's next step (one window or nothing per slot), or None when epochs are done."""
+        while self.sampler.epoch < self.cfg.epochs:
+            if self._steps is None:
+                self._steps = iter(self.sampler)
+            step = next(self._steps, None)
+            if step is not None:
+                return step
+            self._steps = None
+        return None
+
+    def _forward_backward(self, step, capture: bool):
+        """One window per slot: forward with the carried state, backward of the summed loss."""
+        batch = collate(step, self.dataset, self.cfg.window, pad_multiple=self.cfg.ttt.mini_batch_size)
+        reset = (batch.reset | self.pending_reset).to(self.device)
+        self.pending_reset = torch.zeros_like(self.pending_reset)
+        to = lambda t: None if t is None else t.to(self.device)  # noqa: E731
+        with self.monitor.capture() if capture else contextlib.nullcontext():
+            out = self.model(to(batch.tokens), to(batch.speech), state=self.carried, mask=to(batch.mask),
+                             speech_lengths=to(batch.speech_lengths), speech_starts=to(batch.speech_starts),
+                             reset=reset, targets=to(batch.targets), loss_chunk_size=self.cfg.loss_chunk_size)
+        tic = time.perf_counter()
+        ids = batch.conversation_ids
+        found = check_states(out.state, self.step, ids) or check_loss(out.token_loss, self.step, ids)
+        self.carried = out.state.detach()
+        self.timers["state"] += time.perf_counter() - tic
+        # Summed, not averaged: the optimizer step divides by the tokens of all windows and ranks.
+        out.token_loss.sum().backward()
+        tokens = (batch.targets != -100).sum()
+        return out.token_loss.detach().sum(), tokens, found, batch.mask.sum()
+
+    def _accumulate(self, capture: bool):
+        """Up to ``gradient_accumulation_steps`` windows per slot; None when the epochs are done."""
+        loss_sum, tokens, seen, problems, ran = torch.zeros(()), torch.zeros((), dtype=torch.long), 0, [], 0
+        for micro in range(self.cfg.gradient_accumulation_steps):
+            step = self._next_step()
+            if step is None:
+                break
+            loss, n, found, read = self._forward_backward(step, capture=capture and micro == 0)
+            loss_sum, tokens, seen, ran = loss_sum + loss.cpu(), tokens + n.cpu(), seen + int(read), ran + 1
+            problems += [found] if found is not None else []
+        return (loss_sum, tokens, seen, problems) if ran else None
+
+    def train(self) -> None:
+        cfg = self.cfg
+        progress = tqdm(total=cfg.max_steps, initial=self.step, disable=self.rank != 0, dynamic_ncols=True)
+        while self.step < cfg.max_steps:
+            self.timers = dict(step=time.perf_counter(), state=0.0)
+            logging = (self.step + 1) % cfg.monitor.log_every_n_steps == 0
+            accumulated = self._accumulate(capture=logging)
+            if accumulated is None:
+                break  # every rank runs the same number of steps, so all stop here together
+            loss_sum, tokens, seen, problems = accumulated
+            ttt_metrics = self.monitor.metrics() if logging else {}
+            stepped, grad_norm = self._optimizer_step(tokens, problems)
+            self.step += 1
+            totals = all_reduce(torch.tensor([loss_sum.item(), tokens.item(), seen], dtype=torch.float64, device=self.device)).cpu()
+            elapsed = time.perf_counter() - self.timers["step"]
+            loss, tokens_per_second = (totals[0] / totals[1].clamp_min(1)).item(), totals[2].item() / elapsed
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_second:.0f}")
+            if logging:
+                self.metrics.log(self.step, {
+                    "loss": loss, "lr": self.optimizer.param_groups[-1]["lr"], "grad_norm": grad_norm,
+                    "tokens": totals[2].item(), "tokens_per_second": tokens_per_second,
+                    "skipped_steps": self.skipped_steps, "optimizer_stepped": float(stepped),
+                    "time/step_s": elapsed, "time/state_s": self.timers["state"], **ttt_metrics,
+                })
+            if self.step % cfg.checkpoint.save_every_n_steps == 0:
+                self.save_checkpoint()
+        progress.close()
+        if self.checkpointer.latest() != self.output_dir / f"step_{self.step}":
+            self.save_checkpoint()
+        self.save_final_model()
+
+    def _optimizer_step(self, tokens, problems) -> tuple:
+        """Scales gradients to the mean over all tokens, checks them, steps (or skips)."""
+        total_tokens = all_reduce(tokens.to(self.device).float()).item()
+        # FSDP averages gradients over ranks; the loss is a sum: mean = sum * world / tokens.
+        scale = self.world_size / max(total_tokens, 1.0)
+        for p in self.trainable:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        max_norm = self.cfg.clip_grad_norm if self.cfg.clip_grad_norm is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        if not torch.isfinite(grad_norm) and not problems:
+            found = check_parameters(self.model, self.step, [], grads=True)
+            problems.append(found) if found is not None else None
+        bad = all_reduce(torch.tensor([float(bool(problems) or not torch.isfinite(grad_norm))], device=self.device))
+        if bad.item() > 0:
+            self._on_nonfinite(problems)
+            self.optimizer.zero_grad(set_to_none=True)
+            return False, float("nan")
+        self.guard.check(self.step)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total_tokens > 0, grad_norm.item()
+
+    def _on_nonfinite(self, problems) -> None:
+        if self.cfg.monitor.on_nonfinite == "raise":
+            if problems:
+                raise NonFiniteError(problems[0])
+            raise RuntimeError(f"another rank found non-finite values at step {self.step}; see its error")
+        self.skipped_steps += 1
+        rows = {r for found in problems for r in found.rows} or set(range(self.cfg.batch_slots))
+        self.pending_reset[sorted(rows)] = True
+        self.log(f"skipped step {self.step + 1} ({'; '.join(map(str, problems)) or 'on another rank'}); "
+                 f"reset slots {sorted(rows)}")
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> None:
+        trainer = dict(step=self.step, scheduler=self.lr_scheduler.state_dict(), skipped_steps=self.skipped_steps)
+        own = dict(sampler=self.sampler.state_dict(), states=state_to_dict(self.carried),
+                   pending_reset=self.pending_reset)
+        path = self.checkpointer.save(self.step, self.model, self.optimizer, trainer, own)
+        self.log(f"saved {path}")
+
+    def _load_checkpoint(self, path: Path) -> None:
+        trainer, own = self.checkpointer.load(path, self.model, self.optimizer)
+        self.step, self.skipped_steps = trainer["step"], trainer["skipped_steps"]
+        self.lr_scheduler.load_state_dict(trainer["scheduler"])
+        self.sampler.load_state_dict(own["sampler"])
+        self.carried = state_from_dict(own["states"], self.device)
+        self.pending_reset = own["pending_reset"]
+        self.log(f"resumed from {path} at step {self.step}")
+
+    def save_final_model(self) -> None:
+        """The trained model in the Llama-Omni layout (TTT tensors float32) at ``<output_dir>/model``."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.model, options=options)  # gathered on every rank under FSDP
+        if self.rank == 0:
+            save_llama_omni(self.model, self.output_dir / "model", state_dict=state)
+            self.log(f"saved the model in the Llama-Omni layout to {self.output_dir / 'model'}")
+
+    def cleanup(self) -> None:
+        self.metrics.close()
+        if is_distributed():
+            torch.distributed.destroy_process_group()
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    recipe = TTTFinetuneRecipeDistributed(cfg)
+    recipe.setup()
+    try:
+        recipe.train()
+    finally:
+        recipe.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())
