@@ -98,6 +98,12 @@ class LlamaOmni(nn.Module):
         if speech is None:
             if wanted:
                 raise ValueError(f"tokens hold {wanted} speech positions ({SPEECH_TOKEN_ID}) but no speech was given")
+            # The trainable speech parameters join the graph (with zero gradient) even without
+            # speech, so that data-parallel ranks, some with speech and some without, reduce
+            # the same gradients (FSDP2 reduces only the parameters that have one).
+            trainable = [p for p in self.speech.parameters() if p.requires_grad]
+            if trainable and torch.is_grad_enabled():
+                h = h + sum(p.sum() for p in trainable).to(h.dtype) * 0.0
             return h
         projected = self.encode_speech(speech)  # [U, P, D]
         U, P = projected.shape[:2]

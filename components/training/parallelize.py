@@ -6,8 +6,8 @@ every group is sharded before the group that contains it. Model code knows nothi
 
 FSDP2 groups: each TTT layer and each gate gets its own group with a float32
 ``MixedPrecisionPolicy`` (the inner loop's per-token updates vanish in bf16); each decoder
-layer, the speech encoder + projector, the speech generator and the root compute in
-``param_dtype`` (bf16) and reduce gradients in float32.
+layer and the root (everything else) compute in ``param_dtype`` (bf16) and reduce
+gradients in float32.
 """
 
 import functools
@@ -92,8 +92,9 @@ def parallelize(
             if module is not None:
                 fully_shard(module, mp_policy=fp32, **common)
         fully_shard(layer, mp_policy=base, **common)
-    fully_shard(model.speech, mp_policy=base, **common)
-    fully_shard(model.speech_generator, mp_policy=base, **common)
-    # The root holds the embeddings, final norm and LM head; the output is gathered anyway.
+    # The root group holds the embeddings, final norm, LM head, speech encoder + projector
+    # and speech generator. The speech modules run only for batches that hold speech (or
+    # units), which differs between ranks: as groups of their own, one rank would all-gather
+    # while another does not, and the collectives would mismatch.
     fully_shard(model, mp_policy=base, **{**common, "reshard_after_forward": False})
     return model
