@@ -107,10 +107,6 @@ def check_options(cfg: DictConfig) -> None:
         raise ConfigError("checkpoint.save_every_n_steps and checkpoint.keep_last_n must be >= 1")
     if cfg.parallelism.cpu_offload and cfg.device != "cuda":
         raise ConfigError("parallelism.cpu_offload=true needs device=cuda (the parameters are on the CPU already)")
-    if cfg.resume not in ("auto", "none") and not (Path(cfg.resume) / "meta.json").exists():
-        raise ConfigError(f"resume={cfg.resume!r}: expected 'auto', 'none' or a complete step_<N> checkpoint folder")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but no GPU is visible")
 
 
 class TTTFinetuneRecipeDistributed:
@@ -118,6 +114,10 @@ class TTTFinetuneRecipeDistributed:
 
     def __init__(self, cfg: DictConfig):
         check_options(cfg)
+        if cfg.resume not in ("auto", "none") and not (Path(cfg.resume) / "meta.json").exists():
+            raise ConfigError(f"resume={cfg.resume!r}: expected 'auto', 'none' or a complete step_<N> checkpoint folder")
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device=cuda but no GPU is visible")
         self.cfg = cfg
         self.rank, self.world_size = init_distributed(cfg.device)
         self.device = torch.device(cfg.device)
@@ -253,7 +253,7 @@ class TTTFinetuneRecipeDistributed:
             if logging:
                 self.metrics.log(self.step, {
                     "loss": loss, "lr": self.optimizer.param_groups[-1]["lr"], "grad_norm": grad_norm,
-                    "tokens": totals[2].item(), "tokens_per_second": tokens_per_second,
+                    "tokens": totals[2].item(), "target_tokens": totals[1].item(), "tokens_per_second": tokens_per_second,
                     "skipped_steps": self.skipped_steps, "optimizer_stepped": float(stepped),
                     "time/step_s": elapsed, "time/state_s": self.timers["state"], **ttt_metrics,
                 })

@@ -66,12 +66,11 @@ class InnerInputs(NamedTuple):
 
 
 def inner_inputs(layer: nn.Module, x: Tensor, offset: Tensor, mask: Optional[Tensor] = None) -> InnerInputs:
-    """Recomputes the keys, targets and learning rates that ``layer._forward_chunk`` feeds its op.
+    """The keys, targets and learning rates that the layer's op reads for a window.
 
-    This repeats the layer's projection / learning-rate / RoPE lines (the op does the RoPE);
-    the query and output sides are not needed. Projections run in the module's dtype (or
-    autocast's, when called inside an autocast region), exactly like the layer; the rest in
-    the inner dtype with autocast off.
+    The projections and learning rates come from the layer itself
+    (:meth:`~components.ttt.layer._TTTBase.inner_inputs`); the RoPE, which the op applies,
+    is repeated here at each token's position inside its mini-batch.
 
     Args:
         layer: a :class:`components.ttt.TTTLinear` or :class:`components.ttt.TTTMLP`.
@@ -84,22 +83,16 @@ def inner_inputs(layer: nn.Module, x: Tensor, offset: Tensor, mask: Optional[Ten
         The :class:`InnerInputs` of the window.
     """
     B, T, _ = x.shape
-    H, f, K = layer.num_heads, layer.head_dim, layer.mini_batch_size
+    f, K = layer.head_dim, layer.mini_batch_size
     dtype = layer.W1.dtype
     real = torch.ones(B, T, dtype=torch.bool, device=x.device) if mask is None else mask
-    # Zero the padding as the layer does, so NaN there cannot reach a statistic.
-    x = torch.where(real.unsqueeze(-1), x, 0.0)
-    xk, xv = (proj(x).unflatten(-1, (H, f)) for proj in (layer.k_proj, layer.v_proj))  # [B,T,D] -> [B,T,H,f]
+    _, xk, xv, lr, token_eta = layer.inner_inputs(layer.prepare_input(x, real), dtype)  # [B,T,H,f]
     with torch.autocast(device_type=x.device.type, enabled=False):
         positions = (offset.view(B, 1) + torch.arange(T, device=x.device)) % K  # [B,T] inside the mini-batch
         angles = rope_angles(positions, f, layer.rope_base, dtype).unsqueeze(2)  # [B,T,1,f/2]
-        xk = rope_rotate(xk.to(dtype), angles)
-        target = xv.to(dtype) - xk
-        # [B,T,D] . [H,D] -> [B,T,H]
-        lr_logits = torch.einsum("btd,hd->bth", x.to(dtype), layer.learnable_ttt_lr_weight.squeeze(1))
-        lr = layer.base_lr * torch.sigmoid(lr_logits + layer.learnable_ttt_lr_bias.view(H)) / f
-        token_idx = 1.0 / torch.arange(1, K + 1, device=x.device, dtype=dtype)
-        token_eta = torch.clamp_min(token_idx + layer.learnable_token_idx, 0.0)[positions]  # [K] -> [B,T]
+        xk = rope_rotate(xk, angles)
+        target = xv - xk
+        token_eta = token_eta[positions]  # [K] -> [B,T]
     return InnerInputs(xk.transpose(1, 2), target.transpose(1, 2), lr, token_eta, real)
 
 

@@ -209,15 +209,20 @@ class _TTTBase(nn.Module):
             outs.append(y)
         return torch.cat(outs, dim=1), state
 
-    def _forward_chunk(self, x: Tensor, state: TTTState, mask: Optional[Tensor], lengths: Tensor, dtype: torch.dtype):
-        B, T, D = x.shape
+    def prepare_input(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """``x`` in the projections' dtype with its padding zeroed (even NaN or inf there
+        cannot reach a gradient). A bf16 model may keep its TTT layers wholly float32."""
+        x = x.to(self.q_proj.weight.dtype)
+        return x if mask is None else torch.where(mask.unsqueeze(-1), x, 0.0)
+
+    def inner_inputs(self, x: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """What the inner loop reads, in ``dtype``, for ``x [B, T, D]`` from :meth:`prepare_input`.
+
+        Returns:
+            ``(xq, xk, xv, lr, token_eta)``: ``[B, T, H, f]`` each (before RoPE), each token's
+            inner learning rate ``lr [B, T, H]``, the position factors ``token_eta [K]``.
+        """
         H, f, K = self.num_heads, self.head_dim, self.mini_batch_size
-        # A bf16 model may keep its TTT layers wholly float32: compute in the projections'
-        # dtype, return in the caller's.
-        out_dtype, x = x.dtype, x.to(self.q_proj.weight.dtype)
-        if mask is not None:
-            # Zero the padding first, so that even NaN or inf there cannot reach a gradient.
-            x = torch.where(mask.unsqueeze(-1), x, 0.0)
         # [B,T,D] -> [B,T,H,f]; under autocast these matmuls run in the autocast dtype.
         xq, xk, xv = (proj(x).unflatten(-1, (H, f)) for proj in (self.q_proj, self.k_proj, self.v_proj))
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -226,8 +231,13 @@ class _TTTBase(nn.Module):
             lr = self.base_lr * torch.sigmoid(lr_logits + self.learnable_ttt_lr_bias.view(H)) / f
             token_idx = 1.0 / torch.arange(1, K + 1, device=x.device, dtype=dtype)
             token_eta = torch.clamp_min(token_idx + self.learnable_token_idx, 0.0)  # [K]
-            op_args = (xq.to(dtype), xk.to(dtype), xv.to(dtype), lr, token_eta, self.ttt_norm_weight, self.ttt_norm_bias)
-            op_args += (state, lengths, self.rope_base)
+        return xq.to(dtype), xk.to(dtype), xv.to(dtype), lr, token_eta
+
+    def _forward_chunk(self, x: Tensor, state: TTTState, mask: Optional[Tensor], lengths: Tensor, dtype: torch.dtype):
+        out_dtype, x = x.dtype, self.prepare_input(x, mask)  # computed in the projections' dtype, returned in x's
+        xq, xk, xv, lr, token_eta = self.inner_inputs(x, dtype)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            op_args = (xq, xk, xv, lr, token_eta, self.ttt_norm_weight, self.ttt_norm_bias, state, lengths, self.rope_base)
             if self.impl == "dual":
                 out, state = ttt_dual(*op_args, checkpoint_group_size=self.checkpoint_group_size)
             else:
