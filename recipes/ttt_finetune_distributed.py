@@ -212,7 +212,8 @@ class TTTFinetuneRecipeDistributed:
                              reset=reset, targets=to(batch.targets), loss_chunk_size=self.cfg.loss_chunk_size)
         tic = time.perf_counter()
         ids = batch.conversation_ids
-        found = check_states(out.state, self.step, ids) or check_loss(out.token_loss, self.step, ids)
+        step_number = self.step + 1  # the optimizer step being computed, as in the metrics
+        found = check_states(out.state, step_number, ids) or check_loss(out.token_loss, step_number, ids)
         self.carried = out.state.detach()
         self.timers["state"] += time.perf_counter() - tic
         # Summed, not averaged: the optimizer step divides by the tokens of all windows and ranks.
@@ -276,14 +277,14 @@ class TTTFinetuneRecipeDistributed:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         if not torch.isfinite(grad_norm) and not problems:
-            found = check_parameters(self.model, self.step, [], grads=True)
+            found = check_parameters(self.model, self.step + 1, [], grads=True)
             problems.append(found) if found is not None else None
         bad = all_reduce(torch.tensor([float(bool(problems) or not torch.isfinite(grad_norm))], device=self.device))
         if bad.item() > 0:
             self._on_nonfinite(problems)
             self.optimizer.zero_grad(set_to_none=True)
             return False, float("nan")
-        self.guard.check(self.step)
+        self.guard.check(self.step + 1)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -293,7 +294,7 @@ class TTTFinetuneRecipeDistributed:
         if self.cfg.monitor.on_nonfinite == "raise":
             if problems:
                 raise NonFiniteError(problems[0])
-            raise RuntimeError(f"another rank found non-finite values at step {self.step}; see its error")
+            raise RuntimeError(f"another rank found non-finite values at step {self.step + 1}; see its error")
         self.skipped_steps += 1
         rows = {r for found in problems for r in found.rows} or set(range(self.cfg.batch_slots))
         self.pending_reset[sorted(rows)] = True

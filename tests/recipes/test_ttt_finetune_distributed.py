@@ -1,0 +1,232 @@
+"""The ttt_finetune_distributed recipe on the tiny model and the bundled sample data, on CPU.
+
+In-process runs build the recipe from the real configs plus overrides (as ``tune run`` does);
+the launch-mode tests run the real ``tune`` command in a subprocess, single process and
+``--nproc_per_node 2`` (FSDP2 over gloo).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors import safe_open
+
+from components.data.dataset import ConversationDataset
+from components.monitor import NonFiniteError
+from components.training.config_schema import ConfigError
+from recipes.ttt_finetune_distributed import TTTFinetuneRecipeDistributed, check_options
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLE = str(ROOT / "data" / "sample" / "conversations.json")
+# Every conversation of the sample set fits one window of this size (the longest has 4741 tokens).
+WHOLE = 4800
+
+
+def _config(name: str, *overrides: str):
+    cfg = OmegaConf.load(ROOT / "configs" / name)
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+
+
+def _quick(tmp_path, *overrides: str):
+    """The quickstart config with a run folder in tmp_path and a logged line per step."""
+    return _config("quickstart.yaml", f"output_dir={tmp_path}", f"dataset.sources=[{SAMPLE}]",
+                   "monitor.log_every_n_steps=1", *overrides)
+
+
+def _run(cfg) -> TTTFinetuneRecipeDistributed:
+    recipe = TTTFinetuneRecipeDistributed(cfg)
+    recipe.setup()
+    try:
+        recipe.train()
+    finally:
+        recipe.cleanup()
+    return recipe
+
+
+def _metrics(output_dir) -> list:
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _tune(args, cwd=ROOT, timeout=300):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"
+    done = subprocess.run(["tune", "run", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+# ----------------------------------------------------------------------------- configs
+def test_every_config_validates():
+    paths = sorted((ROOT / "configs").rglob("*.yaml"))
+    assert {p.name for p in paths} >= {"quickstart.yaml", "stage1.yaml", "stage2.yaml", "stage3.yaml", "stage4.yaml"}
+    for path in paths:
+        check_options(OmegaConf.load(path))
+        first = path.read_text().splitlines()[:4]
+        assert any(f"--config configs/{path.relative_to(ROOT / 'configs')}" in line for line in first), path
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("max_step=3", r"unknown config key 'max_step': did you mean 'max_steps'"),
+        ("optimizer.lrr=1e-3", r"unknown config key optimizer\.'lrr': did you mean optimizer\.'lr'"),
+        ("monitor.on_nonfinite=ignore", r"monitor\.on_nonfinite='ignore'; expected one of \['raise', 'skip'\]"),
+        ("window=100", r"window=100 must be a positive multiple of ttt\.mini_batch_size=64"),
+        ("lr_scheduler.num_training_steps=5", r"lr_scheduler\.num_training_steps is set by the recipe"),
+        ("model.checkpoint_dir=/x", r"set exactly one of model\.checkpoint_dir"),
+    ],
+)
+def test_bad_configs_are_refused_by_key_before_work(override, message):
+    with pytest.raises(ConfigError, match=message):
+        check_options(_config("quickstart.yaml", override))
+
+
+def test_a_removed_key_is_named():
+    cfg = _config("quickstart.yaml")
+    del cfg.monitor["log_every_n_steps"]
+    with pytest.raises(ConfigError, match=r"config key monitor\.log_every_n_steps is missing"):
+        check_options(cfg)
+
+
+# ----------------------------------------------------------------------------- training
+def test_quickstart_loss_goes_down(tmp_path):
+    _run(_quick(tmp_path, "max_steps=60"))
+    losses = [m["loss"] for m in _metrics(tmp_path)]
+    assert len(losses) == 60 and all(map(torch.isfinite, torch.tensor(losses)))
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < first - 1.0, (first, last)
+    assert (tmp_path / "step_60" / "meta.json").exists()
+    with safe_open(str(tmp_path / "model" / "model-00001-of-00001.safetensors"), "pt") as f:
+        assert f.get_slice("model.layers.2.ttt.W1").get_dtype() == "F32"
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_is_exact(tmp_path, monkeypatch):
+    """6 steps in one go == a run that crashes right after saving step 3, resumed with
+    ``resume: auto``: identical losses and final weights."""
+    cfg = lambda out: _quick(out, "max_steps=6", "checkpoint.save_every_n_steps=3", "lr_scheduler.num_warmup_steps=2")  # noqa: E731
+    _run(cfg(tmp_path / "once"))
+    save = TTTFinetuneRecipeDistributed.save_checkpoint
+
+    def save_then_crash(self):
+        save(self)
+        if self.step == 3:
+            raise _Crash()
+
+    monkeypatch.setattr(TTTFinetuneRecipeDistributed, "save_checkpoint", save_then_crash)
+    with pytest.raises(_Crash):
+        _run(cfg(tmp_path / "twice"))
+    monkeypatch.undo()
+    assert [p.name for p in (tmp_path / "twice").glob("step_*")] == ["step_3"]
+    _run(cfg(tmp_path / "twice"))
+    once, twice = _metrics(tmp_path / "once"), _metrics(tmp_path / "twice")
+    assert [m["step"] for m in twice] == [1, 2, 3, 4, 5, 6]
+    assert [m["loss"] for m in twice] == [m["loss"] for m in once]
+    with safe_open(str(tmp_path / "once" / "model" / "model-00001-of-00001.safetensors"), "pt") as a, \
+            safe_open(str(tmp_path / "twice" / "model" / "model-00001-of-00001.safetensors"), "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        for key in a.keys():
+            assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
+
+
+def test_state_carried_across_windows_gives_the_losses_of_one_long_window(tmp_path):
+    """One conversation (4741 tokens, speech included) read in 256-token windows with the state
+    carried, vs in one window; learning rates 0 so that only the forward differs."""
+    frozen = ("optimizer.lr=0.0", "ttt_param_group.lr=0.0", "batch_slots=1", "shuffle=false", "epochs=1")
+    conversation = _longest_only(tmp_path)
+    _run(_quick(tmp_path / "windows", *frozen, f"dataset.sources=[{conversation}]", "window=256"))
+    _run(_quick(tmp_path / "whole", *frozen, f"dataset.sources=[{conversation}]", f"window={WHOLE}"))
+    windows, whole = _metrics(tmp_path / "windows"), _metrics(tmp_path / "whole")
+    assert len(windows) == -(-4741 // 256) and len(whole) == 1
+    summed = lambda ms: sum(m["loss"] * m["target_tokens"] for m in ms)  # noqa: E731
+    assert sum(m["target_tokens"] for m in windows) == whole[0]["target_tokens"]
+    assert summed(windows) == pytest.approx(summed(whole), rel=1e-5)
+
+
+def _longest_only(tmp_path) -> Path:
+    records = json.loads(Path(SAMPLE).read_text())
+    longest = max(records, key=lambda r: len(r["conversation"]))
+    for turn in longest["conversation"]:  # audio paths relative to the sample folder
+        if turn.get("speech"):
+            turn["speech"] = str(Path(SAMPLE).parent / turn["speech"])
+    path = tmp_path / "longest.json"
+    path.write_text(json.dumps([longest]))
+    return path
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_a_nan_in_one_conversations_speech_triggers_the_policy(tmp_path, monkeypatch, policy):
+    records = json.loads(Path(SAMPLE).read_text())
+    poisoned = records[0]["id"]
+    features = ConversationDataset.features
+
+    def nan_for_one(self, audio, piece):
+        out = features(self, audio, piece)
+        owners = {s.id for s in self.streams if any(span.audio == audio for span in s.speech)}
+        return torch.full_like(out, float("nan")) if poisoned in owners else out
+
+    monkeypatch.setattr(ConversationDataset, "features", nan_for_one)
+    cfg = _quick(tmp_path, "max_steps=12", "shuffle=false", f"monitor.on_nonfinite={policy}")
+    if policy == "raise":
+        with pytest.raises(NonFiniteError, match=rf"non-finite state in layer0\.attn\.memory\.\w+ at step 1.*{poisoned}"):
+            _run(cfg)
+        return
+    recipe = _run(cfg)
+    metrics = _metrics(tmp_path)
+    skipped = [m for m in metrics if not m["optimizer_stepped"]]
+    assert recipe.skipped_steps == len(skipped) >= 1 and metrics[-1]["skipped_steps"] == recipe.skipped_steps
+    assert len(metrics) == 12 and all(torch.isfinite(torch.tensor(m["grad_norm"])) for m in metrics if m["optimizer_stepped"])
+    for name, param in recipe.model.named_parameters():
+        assert torch.isfinite(param).all(), name
+    assert all(t is None or torch.isfinite(t).all() for layer in recipe.carried.layers for s in layer if s is not None
+               for t in s if t is not None and t.is_floating_point())
+
+
+# ----------------------------------------------------------------------------- launch modes
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_checkpoint")
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_checkpoint.py"), str(path)], check=True,
+                   capture_output=True, cwd=ROOT)
+    return path
+
+
+def test_stage3_config_runs_through_tune_with_the_tiny_checkpoint(tmp_path, tiny_checkpoint):
+    """The real stage-3 config, single process, with CLI overrides swapping in tiny things."""
+    _tune(["recipes/ttt_finetune_distributed", "--config", "configs/stage3.yaml",
+           f"model.checkpoint_dir={tiny_checkpoint}", f"tokenizer.path={tiny_checkpoint}",
+           f"dataset.sources=[{SAMPLE}]", "dataset.trim_speech=true", "window=256", "model.attention_window=256",
+           "model.memory_len=256", "ttt.layers=[2,3]", "device=cpu", "max_steps=3", f"output_dir={tmp_path}",
+           "monitor.log_every_n_steps=1"])
+    metrics = _metrics(tmp_path)
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert "ttt/layer3/recon_loss_after" in metrics[0]
+    assert (tmp_path / "model" / "config.json").exists() and (tmp_path / "step_3" / "meta.json").exists()
+
+
+def test_two_processes_fsdp_match_one_process(tmp_path):
+    """FSDP2 over 2 gloo processes (1 slot each) vs 1 process with 2 slots: the same windows
+    each step, so the same losses; bf16 model with float32 TTT parameters."""
+    common = ["--config", "configs/quickstart.yaml", f"dataset.sources=[{SAMPLE}]", f"window={WHOLE}",
+              f"model.attention_window={WHOLE}", f"model.memory_len={WHOLE}", "max_steps=3", "dtype=bf16",
+              "monitor.log_every_n_steps=1", "activation_checkpointing=full"]
+    _tune(["--nproc_per_node", "2", "recipes/ttt_finetune_distributed", *common, "batch_slots=1",
+           f"output_dir={tmp_path / 'two'}"])
+    _tune(["recipes/ttt_finetune_distributed", *common, "batch_slots=2", f"output_dir={tmp_path / 'one'}"])
+    two, one = _metrics(tmp_path / "two"), _metrics(tmp_path / "one")
+    assert [m["target_tokens"] for m in two] == [m["target_tokens"] for m in one]
+    # Measured: 4e-6 relative (bf16 compute; float32 gradients reduced across ranks vs one process).
+    for a, b in zip(two, one):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (a["step"], a["loss"], b["loss"])
+    with safe_open(str(tmp_path / "two" / "model" / "model-00001-of-00001.safetensors"), "pt") as f:
+        assert f.get_slice("model.layers.3.ttt.W1").get_dtype() == "F32"
+        assert f.get_slice("model.layers.3.ttt.q_proj.weight").get_dtype() == "F32"
+        assert f.get_slice("model.layers.3.mlp.down_proj.weight").get_dtype() == "BF16"
