@@ -39,22 +39,44 @@ class KVMemory(NamedTuple):
         return KVMemory(self.k.masked_fill(drop, 0.0), self.v.masked_fill(drop, 0.0), self.valid & ~rows.unsqueeze(1))
 
 
-def _allowed(T: int, M: int, window: Optional[int], device) -> Tensor:
-    """``[T, M+T]`` bool: query i (at position M+i) may see key j (at position j)."""
-    q_pos = torch.arange(M, M + T, device=device).view(T, 1)
-    k_pos = torch.arange(M + T, device=device).view(1, M + T)
+def _allowed(q_start: int, q_end: int, k_start: int, k_end: int, window: Optional[int], device) -> Tensor:
+    """``[q_end - q_start, k_end - k_start]`` bool: query at position i may see key at position j."""
+    q_pos = torch.arange(q_start, q_end, device=device).view(-1, 1)
+    k_pos = torch.arange(k_start, k_end, device=device).view(1, -1)
     allowed = k_pos <= q_pos
     if window is not None:
         allowed &= k_pos > q_pos - window
     return allowed
 
 
-def _key_validity(memory: Optional[KVMemory], mask: Optional[Tensor], B: int, T: int, device) -> Optional[Tensor]:
-    """``[B, M+T]`` bool: which keys are real (None: all of them)."""
-    if memory is None and mask is None:
-        return None
-    new = mask if mask is not None else torch.ones(B, T, dtype=torch.bool, device=device)
-    return new if memory is None else torch.cat([memory.valid, new], dim=1)
+def _attend(q: Tensor, k: Tensor, v: Tensor, M: int, window: Optional[int], memory_valid: Optional[Tensor]) -> Tensor:
+    """Causal attention of queries at positions ``M..M+T-1`` over keys at ``0..M+T-1``.
+
+    Args:
+        q: ``[B, h, T, d]``; k, v: ``[B, h, M+T, d]`` (RoPE applied, KV heads expanded).
+        memory_valid: ``[B, M]`` which memory keys are real (None: all).
+
+    With a window, queries go in blocks of ``window``, each against the at most
+    ``2 * window`` keys it can see: memory and time grow linearly with T, not as ``T^2``.
+    """
+    B, _, T, _ = q.shape
+    if window is None and M == 0:  # plain causal self-attention: the fused kernels need no mask
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    # The chunk's own keys are always visible (causal order hides its padding from real
+    # tokens), so every query sees at least itself: no row of a mask is empty.
+    valid = None
+    if memory_valid is not None:
+        valid = torch.cat([memory_valid, torch.ones(B, T, dtype=torch.bool, device=q.device)], dim=1)  # [B, M+T]
+    block = T if window is None else window
+    outs = []
+    for a in range(0, T, block):
+        b = min(a + block, T)
+        lo = 0 if window is None else max(0, M + a - window + 1)  # first key any query of the block sees
+        allowed = _allowed(M + a, M + b, lo, M + b, window, q.device)  # [b-a, M+b-lo]
+        if valid is not None:
+            allowed = allowed & valid[:, None, None, lo : M + b]  # [B, 1, b-a, M+b-lo]
+        outs.append(F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, lo : M + b], v[:, :, lo : M + b], attn_mask=allowed))
+    return torch.cat(outs, dim=2)  # [B,h,T,d]
 
 
 def windowed_attention(
@@ -94,16 +116,11 @@ def windowed_attention(
         v_all = v.repeat_interleave(n_h // n_kv, dim=1)
     else:
         v_all = v
-    allowed = _allowed(T, M, window, x.device)  # [T, M+T]
-    valid = _key_validity(memory, mask, B, T, x.device)  # [B, M+T] or None
-    if valid is not None and memory is not None:
-        # Each query sees itself, so no row of the mask is empty even for a forgotten memory.
-        allowed = allowed & valid[:, None, None, :]  # [B, 1, T, M+T]
-    y = F.scaled_dot_product_attention(q, k_rot, v_all, attn_mask=allowed)  # [B,n_h,T,h_d]
+    y = _attend(q, k_rot, v_all, M, window, None if memory is None else memory.valid)  # [B,n_h,T,h_d]
     y = attn.output_proj(y.transpose(1, 2).reshape(B, T, n_h * h_d))
     new_memory = None
     if memory_len > 0:
-        if valid is None:
-            valid = torch.ones(B, M + T, dtype=torch.bool, device=x.device)
+        new = mask if mask is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
+        valid = new if memory is None else torch.cat([memory.valid, new], dim=1)  # padding never becomes visible
         new_memory = KVMemory(k[:, :, -memory_len:], v[:, :, -memory_len:], valid[:, -memory_len:]).detach()
     return y, new_memory
