@@ -170,6 +170,10 @@ class TTTFinetuneRecipeDistributed:
             model = load_llama_omni(cfg.model.checkpoint_dir)
         else:
             model = config.instantiate(cfg.model.builder)
+        positions = cfg.window + cfg.model.memory_len  # attention positions count from the memory's start
+        if positions > model.config["max_seq_len"]:
+            raise ConfigError(f"window + model.memory_len = {positions} exceeds the model's max_seq_len "
+                              f"({model.config['max_seq_len']}, the length of its RoPE tables)")
         model.decoder.set_attention_window(cfg.model.attention_window, cfg.model.memory_len)
         layers = [i for i in cfg.ttt.layers if model.decoder.layers[i].ttt is None]  # a TTT checkpoint has some
         convert_to_ttt(model, layers, ttt_type=cfg.ttt.ttt_type, mode=cfg.ttt.mode,
@@ -253,7 +257,8 @@ class TTTFinetuneRecipeDistributed:
             progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_second:.0f}")
             if logging:
                 self.metrics.log(self.step, {
-                    "loss": loss, "lr": self.optimizer.param_groups[-1]["lr"], "grad_norm": grad_norm,
+                    "loss": loss, "grad_norm": grad_norm, **{f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups},
+                    "data/skipped_records": len(self.dataset.report.skipped),
                     "tokens": totals[2].item(), "target_tokens": totals[1].item(), "tokens_per_second": tokens_per_second,
                     "skipped_steps": self.skipped_steps, "optimizer_stepped": float(stepped),
                     "time/step_s": elapsed, "time/state_s": self.timers["state"], **ttt_metrics,

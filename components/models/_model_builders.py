@@ -21,7 +21,7 @@ def llama_omni_tiny(vocab_size: int = 512, attention_window: Optional[int] = Non
     1000 units), for tests and the quickstart."""
     return llama_omni(
         vocab_size=vocab_size, num_layers=4, num_heads=4, num_kv_heads=2, embed_dim=128, intermediate_dim=256,
-        max_seq_len=65_536, attention_window=attention_window, memory_len=memory_len,
+        max_seq_len=131_072, attention_window=attention_window, memory_len=memory_len,
         speech_encoder_dim=64, speech_encoder_layers=2, speech_encoder_heads=4, speech_encoder_ffn_dim=128,
         speech_projector_dim=128, ctc_num_layers=2, ctc_dim=64, ctc_num_heads=4, ctc_intermediate_dim=128,
         ctc_max_seq_len=8192,
