@@ -230,3 +230,17 @@ def test_two_processes_fsdp_match_one_process(tmp_path):
         assert f.get_slice("model.layers.3.ttt.W1").get_dtype() == "F32"
         assert f.get_slice("model.layers.3.ttt.q_proj.weight").get_dtype() == "F32"
         assert f.get_slice("model.layers.3.mlp.down_proj.weight").get_dtype() == "BF16"
+
+
+@pytest.mark.parametrize("logger", ["WandBLogger", "TensorBoardLogger"])
+def test_metrics_reach_wandb_offline_and_tensorboard(tmp_path, monkeypatch, logger):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    extra = ["metric_logger.mode=offline", "metric_logger.project=ttt-omni-test"] if logger == "WandBLogger" else []
+    _run(_quick(tmp_path, "max_steps=2", f"metric_logger._component_=torchtune.training.metric_logging.{logger}", *extra))
+    assert [m["step"] for m in _metrics(tmp_path)] == [1, 2]
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    if logger == "WandBLogger":
+        assert any(p.suffix == ".wandb" for p in written), written
+    else:
+        assert any(p.name.startswith("events.out.tfevents") for p in written), written
