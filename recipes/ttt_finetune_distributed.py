@@ -250,6 +250,8 @@ class TTTFinetuneRecipeDistributed:
             ttt_metrics = self.monitor.metrics() if logging else {}
             stepped, grad_norm = self._optimizer_step(tokens, problems)
             self.step += 1
+            if logging:
+                self._check_parameters()
             totals = all_reduce(torch.tensor([loss_sum.item(), tokens.item(), seen], dtype=torch.float64, device=self.device)).cpu()
             elapsed = time.perf_counter() - self.timers["step"]
             loss, tokens_per_second = (totals[0] / totals[1].clamp_min(1)).item(), totals[2].item() / elapsed
@@ -294,6 +296,14 @@ class TTTFinetuneRecipeDistributed:
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total_tokens > 0, grad_norm.item()
+
+    def _check_parameters(self) -> None:
+        """Non-finite parameters cannot be skipped: stop under either policy (all ranks together)."""
+        found = check_parameters(self.model, self.step, [])
+        if all_reduce(torch.tensor([float(found is not None)], device=self.device)).item() > 0:
+            if found is not None:
+                raise NonFiniteError(found)
+            raise RuntimeError(f"another rank found non-finite parameters after step {self.step}; see its error")
 
     def _on_nonfinite(self, problems) -> None:
         if self.cfg.monitor.on_nonfinite == "raise":

@@ -205,7 +205,7 @@ def test_stage3_config_runs_through_tune_with_the_tiny_checkpoint(tmp_path, tiny
            f"model.checkpoint_dir={tiny_checkpoint}", f"tokenizer.path={tiny_checkpoint}",
            f"dataset.sources=[{SAMPLE}]", "dataset.trim_speech=true", "window=256", "model.attention_window=256",
            "model.memory_len=256", "ttt.layers=[2,3]", "device=cpu", "max_steps=3", f"output_dir={tmp_path}",
-           "monitor.log_every_n_steps=1"])
+           "monitor.log_every_n_steps=1", "~optimizer.betas"])  # `~key` removes an optional argument
     metrics = _metrics(tmp_path)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert "ttt/layer3/recon_loss_after" in metrics[0]
@@ -244,3 +244,18 @@ def test_metrics_reach_wandb_offline_and_tensorboard(tmp_path, monkeypatch, logg
         assert any(p.suffix == ".wandb" for p in written), written
     else:
         assert any(p.name.startswith("events.out.tfevents") for p in written), written
+
+
+def test_non_finite_parameters_stop_the_run_under_either_policy(tmp_path):
+    recipe = TTTFinetuneRecipeDistributed(_quick(tmp_path, "max_steps=3", "monitor.on_nonfinite=skip"))
+    recipe.setup()
+    step = recipe.optimizer.step
+
+    def step_then_overflow(*args, **kwargs):
+        step(*args, **kwargs)
+        recipe.model.decoder.layers[1].mlp.w1.weight.data[0, 0] = float("inf")
+
+    recipe.optimizer.step = step_then_overflow
+    with pytest.raises(NonFiniteError, match=r"decoder\.layers\.1\.mlp\.w1\.weight at step 1"):
+        recipe.train()
+    recipe.cleanup()
