@@ -83,7 +83,10 @@ def parallelize(
     common = dict(mesh=mesh, reshard_after_forward=reshard_after_forward)
     if cpu_offload:
         common["offload_policy"] = CPUOffloadPolicy()
-    base = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    # No input casting outside the TTT modules: it would round the carried float32 TTT
+    # states (passed through the root and every decoder layer) to bf16. The embeddings make
+    # the hidden states bf16 anyway, and the speech encoder casts its features itself.
+    base = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     # The TTT modules' inputs are cast to float32 on entry; the decoder layer casts their
     # output back to the residual stream's dtype.
     fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)

@@ -213,49 +213,22 @@ def test_stage3_config_runs_through_tune_with_the_tiny_checkpoint(tmp_path, tiny
 
 
 def test_two_processes_fsdp_match_one_process(tmp_path):
-    """FSDP2 over 2 gloo processes (1 slot each) vs 1 process with 2 slots: the same windows
-    each step, so the same losses; bf16 model with float32 TTT parameters."""
-    common = ["--config", "configs/quickstart.yaml", f"dataset.sources=[{SAMPLE}]", f"window={WHOLE}",
-              f"model.attention_window={WHOLE}", f"model.memory_len={WHOLE}", "max_steps=3", "dtype=bf16",
-              "monitor.log_every_n_steps=1", "activation_checkpointing=full"]
+    """FSDP2 over 2 gloo processes (1 slot each) vs 1 process with 2 slots, bf16 model with
+    float32 TTT parameters. Without shuffling, the sample conversations pair up so that both
+    runs read the same windows each step: states are carried across 256-token windows and
+    slots reset at steps 3 and 6."""
+    common = ["--config", "configs/quickstart.yaml", f"dataset.sources=[{SAMPLE}]", "shuffle=false", "max_steps=7",
+              "dtype=bf16", "monitor.log_every_n_steps=1", "activation_checkpointing=full"]
     _tune(["--nproc_per_node", "2", "recipes/ttt_finetune_distributed", *common, "batch_slots=1",
            f"output_dir={tmp_path / 'two'}"])
     _tune(["recipes/ttt_finetune_distributed", *common, "batch_slots=2", f"output_dir={tmp_path / 'one'}"])
     two, one = _metrics(tmp_path / "two"), _metrics(tmp_path / "one")
     assert [m["target_tokens"] for m in two] == [m["target_tokens"] for m in one]
-    # Measured: 4e-6 relative (bf16 compute; float32 gradients reduced across ranks vs one process).
+    # bf16 compute; float32 gradients reduced across ranks vs one process. Measured: 7e-5 relative at most.
     for a, b in zip(two, one):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (a["step"], a["loss"], b["loss"])
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3), (a["step"], a["loss"], b["loss"])
+    # The gathered export keeps the sharded parameters' dtypes (the guard checks them each step).
     with safe_open(str(tmp_path / "two" / "model" / "model-00001-of-00001.safetensors"), "pt") as f:
         assert f.get_slice("model.layers.3.ttt.W1").get_dtype() == "F32"
         assert f.get_slice("model.layers.3.ttt.q_proj.weight").get_dtype() == "F32"
         assert f.get_slice("model.layers.3.mlp.down_proj.weight").get_dtype() == "BF16"
-
-
-@pytest.mark.parametrize("logger", ["WandBLogger", "TensorBoardLogger"])
-def test_metrics_reach_wandb_offline_and_tensorboard(tmp_path, monkeypatch, logger):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    extra = ["metric_logger.mode=offline", "metric_logger.project=ttt-omni-test"] if logger == "WandBLogger" else []
-    _run(_quick(tmp_path, "max_steps=2", f"metric_logger._component_=torchtune.training.metric_logging.{logger}", *extra))
-    assert [m["step"] for m in _metrics(tmp_path)] == [1, 2]
-    written = [p for p in tmp_path.rglob("*") if p.is_file()]
-    if logger == "WandBLogger":
-        assert any(p.suffix == ".wandb" for p in written), written
-    else:
-        assert any(p.name.startswith("events.out.tfevents") for p in written), written
-
-
-def test_non_finite_parameters_stop_the_run_under_either_policy(tmp_path):
-    recipe = TTTFinetuneRecipeDistributed(_quick(tmp_path, "max_steps=3", "monitor.on_nonfinite=skip"))
-    recipe.setup()
-    step = recipe.optimizer.step
-
-    def step_then_overflow(*args, **kwargs):
-        step(*args, **kwargs)
-        recipe.model.decoder.layers[1].mlp.w1.weight.data[0, 0] = float("inf")
-
-    recipe.optimizer.step = step_then_overflow
-    with pytest.raises(NonFiniteError, match=r"decoder\.layers\.1\.mlp\.w1\.weight at step 1"):
-        recipe.train()
-    recipe.cleanup()

@@ -46,3 +46,34 @@ def test_trainable_parts_by_ownership():
         set_trainable(model, ["ttt", "adapters"])
     with pytest.raises(ValueError, match=r"parts \['gates'\] have no parameters"):
         set_trainable(convert_to_ttt(llama_omni_tiny(), [1], mode="replace"), ["gates"])
+
+
+def test_fsdp_keeps_carried_ttt_states_float32_in_a_bf16_model(monkeypatch):
+    """One gloo process is enough for fully_shard's casting rules: the carried state reaches the
+    TTT layer unchanged (not through bf16), states and TTT gradients stay float32."""
+    import torch.distributed as dist
+
+    from components.training import FP32Guard, cast_for_training
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29517")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        model = parallelize(cast_for_training(_model(), torch.bfloat16), fsdp=True, activation_checkpointing="full")
+        FP32Guard(model).check()
+        seen = []
+        model.decoder.layers[3].ttt.register_forward_pre_hook(
+            lambda module, args, kwargs: seen.append(kwargs["state"]), with_kwargs=True)
+        tokens = torch.randint(0, 512, (2, 32))
+        first = model(tokens)
+        second = model(tokens, state=first.state.detach())
+        second.logits.float().sum().backward()
+        carried = first.state.layers[3][1]
+        assert all(t.dtype == torch.float32 for t in carried.weights() + carried.grads())
+        for arrived, sent in zip(seen[1].weights() + seen[1].grads(), carried.weights() + carried.grads()):
+            assert torch.equal(arrived, sent)  # not rounded to bf16 on the way through the root and layers
+        assert all(t.dtype == torch.float32 for t in second.state.layers[3][1].weights())
+        assert model.decoder.layers[3].ttt.q_proj.weight.grad.dtype == torch.float32
+        FP32Guard(model).check()
+    finally:
+        dist.destroy_process_group()
