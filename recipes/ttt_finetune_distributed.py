@@ -29,7 +29,7 @@ from tqdm import tqdm
 from components.checkpoint import load_llama_omni, save_llama_omni
 from components.data.dataset import ConversationDataset, collate
 from components.data.sampler import StatefulConversationSampler
-from components.models import convert_to_ttt
+from components.models import convert_to_ttt, converted_settings
 from components.monitor import MetricsLogger, NonFiniteError, TTTMonitor, check_loss, check_parameters, check_states
 from components.training import FP32Guard, cast_for_training, param_groups, parallelize
 from components.training.checkpointing import TrainingCheckpointer, state_from_dict, state_to_dict
@@ -175,11 +175,7 @@ class TTTFinetuneRecipeDistributed:
             raise ConfigError(f"window + model.memory_len = {positions} exceeds the model's max_seq_len "
                               f"({model.config['max_seq_len']}, the length of its RoPE tables)")
         model.decoder.set_attention_window(cfg.model.attention_window, cfg.model.memory_len)
-        layers = [i for i in cfg.ttt.layers if model.decoder.layers[i].ttt is None]  # a TTT checkpoint has some
-        convert_to_ttt(model, layers, ttt_type=cfg.ttt.ttt_type, mode=cfg.ttt.mode,
-                       mini_batch_size=cfg.ttt.mini_batch_size, gate_init=cfg.ttt.gate_init,
-                       init_from_attention=cfg.ttt.init_from_attention, base_lr=cfg.ttt.base_lr,
-                       checkpoint_group_size=cfg.ttt.checkpoint_group_size)
+        self._convert(model)
         counts = set_trainable(model, cfg.train)
         self.log(f"trainable parameters: {counts}")
         cast_for_training(model, self.dtype).to(self.device)
@@ -191,6 +187,26 @@ class TTTFinetuneRecipeDistributed:
         return parallelize(model, cfg.activation_checkpointing, fsdp=fsdp, param_dtype=self.dtype,
                            reshard_after_forward=cfg.parallelism.reshard_after_forward,
                            cpu_offload=cfg.parallelism.cpu_offload)
+
+    def _convert(self, model) -> None:
+        """Converts ``ttt.layers``; layers a checkpoint converted already must match the config."""
+        ttt = self.cfg.ttt
+        wanted = dict(ttt_type=ttt.ttt_type, mode=ttt.mode, mini_batch_size=ttt.mini_batch_size)
+        if ttt.base_lr is not None:
+            wanted["base_lr"] = ttt.base_lr
+        for i, found in converted_settings(model).items():
+            if i not in ttt.layers:
+                raise ConfigError(f"model.checkpoint_dir has a TTT layer {i} that ttt.layers={list(ttt.layers)} does not list")
+            for key, value in wanted.items():
+                if found[key] != value:
+                    raise ConfigError(f"model.checkpoint_dir's layer {i} is a TTT layer with {key}={found[key]!r}, "
+                                      f"but ttt.{key}={value!r}")
+            model.decoder.layers[i].ttt.checkpoint_group_size = ttt.checkpoint_group_size  # a run-time knob
+        todo = [i for i in ttt.layers if model.decoder.layers[i].ttt is None]
+        if todo:
+            convert_to_ttt(model, todo, ttt_type=ttt.ttt_type, mode=ttt.mode, mini_batch_size=ttt.mini_batch_size,
+                           gate_init=ttt.gate_init, init_from_attention=ttt.init_from_attention,
+                           base_lr=ttt.base_lr, checkpoint_group_size=ttt.checkpoint_group_size)
 
     # ----------------------------------------------------------------------------- train
     def _next_step(self):

@@ -2,7 +2,7 @@
 
 from components.models._component_builders import llama_omni
 from components.models._model_builders import llama_omni_8b, llama_omni_tiny
-from components.models.convert import TTTGate, convert_to_ttt, ttt_modules, ttt_parameters
+from components.models.convert import TTTGate, convert_to_ttt, converted_settings, ttt_modules, ttt_parameters
 from components.models.llama_omni import SPEECH_TOKEN_ID, LlamaOmni, LlamaOmniOutput, OmniState, speech_positions
 from components.models.speech import SpeechEncoder, SpeechProjector, whisper_encoder
 from components.models.speech_generator import CTCSpeechGenerator
@@ -17,6 +17,7 @@ __all__ = [
     "SpeechProjector",
     "TTTGate",
     "convert_to_ttt",
+    "converted_settings",
     "llama_omni",
     "llama_omni_8b",
     "llama_omni_tiny",

@@ -7,7 +7,7 @@ attention's, grouped KV heads repeated. No RoPE permutation is needed for that c
 torchtune's attention and the TTT layer (like ttt-lm-pytorch) both rotate interleaved pairs.
 """
 
-from typing import Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -111,6 +111,19 @@ def convert_to_ttt(
         init_from_attention=init_from_attention, base_lr=base_lr, checkpoint_group_size=checkpoint_group_size,
     ))
     return model
+
+
+def converted_settings(model: LlamaOmni) -> Dict[int, dict]:
+    """``{layer id: {ttt_type, mode, mini_batch_size, base_lr}}`` of the layers that are TTT
+    layers already (read from the modules, e.g. after loading a converted checkpoint)."""
+    settings = {}
+    for i, layer in enumerate(model.decoder.layers):
+        if layer.ttt is not None:
+            ttt_type = next(name for name, cls in TTT_TYPES.items() if isinstance(layer.ttt, cls))
+            mode = "parallel" if layer.ttt_gate is not None else "replace"
+            settings[i] = dict(ttt_type=ttt_type, mode=mode, mini_batch_size=layer.ttt.mini_batch_size,
+                               base_lr=layer.ttt.base_lr)
+    return settings
 
 
 def ttt_modules(model: LlamaOmni) -> List[nn.Module]:

@@ -232,3 +232,18 @@ def test_two_processes_fsdp_match_one_process(tmp_path):
         assert f.get_slice("model.layers.3.ttt.W1").get_dtype() == "F32"
         assert f.get_slice("model.layers.3.ttt.q_proj.weight").get_dtype() == "F32"
         assert f.get_slice("model.layers.3.mlp.down_proj.weight").get_dtype() == "BF16"
+
+
+def test_a_converted_checkpoint_continues_only_with_matching_ttt_settings(tmp_path):
+    """Stage N starts from stage N-1's export: its TTT layers must be what the config says;
+    run-time knobs (checkpoint_group_size) apply to them."""
+    _run(_quick(tmp_path / "first", "max_steps=1"))
+    exported = tmp_path / "first" / "model"
+    follow = lambda *o: _quick(tmp_path / "second", f"model.checkpoint_dir={exported}", "model.builder=null", *o)  # noqa: E731
+    with pytest.raises(ConfigError, match=r"layer 2 is a TTT layer with mode='parallel', but ttt\.mode='replace'"):
+        _run(follow("ttt.mode=replace"))
+    with pytest.raises(ConfigError, match=r"TTT layer 3 that ttt\.layers=\[2\] does not list"):
+        _run(follow("ttt.layers=[2]"))
+    recipe = _run(follow("max_steps=1", "ttt.checkpoint_group_size=2"))
+    assert [layer.ttt.checkpoint_group_size for layer in recipe.model.decoder.layers[2:]] == [2, 2]
+    assert len(recipe.model.config["ttt"]) == 1  # no empty conversion recorded
