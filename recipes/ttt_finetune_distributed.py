@@ -158,9 +158,18 @@ class TTTFinetuneRecipeDistributed:
         self.monitor = TTTMonitor(self.model)
         self.metrics = MetricsLogger(self.output_dir, config.instantiate(cfg.metric_logger), rank=self.rank)
         self.checkpointer = TrainingCheckpointer(self.output_dir, cfg.checkpoint.keep_last_n, self.rank, self.world_size)
-        resume_from = self.checkpointer.latest() if cfg.resume == "auto" else None
-        if cfg.resume not in ("auto", "none"):
-            resume_from = Path(cfg.resume)
+        self._resume()
+
+    def _resume(self) -> None:
+        """``resume: auto`` loads the newest checkpoint of output_dir. A run that would later save
+        next to newer checkpoints of another trajectory (``none``, or an older step) is refused:
+        ``auto`` would pick those up, and pruning could delete the new ones."""
+        latest, resume = self.checkpointer.latest(), self.cfg.resume
+        resume_from = latest if resume == "auto" else None if resume == "none" else Path(resume)
+        start = 0 if resume_from is None else self.checkpointer.step_of(resume_from)
+        if latest is not None and self.checkpointer.step_of(latest) > start:
+            raise ConfigError(f"resume={resume!r} starts at step {start} but output_dir holds {latest.name}; "
+                              "use resume=auto, move those checkpoints away, or choose another output_dir")
         if resume_from is not None:
             self._load_checkpoint(resume_from)
 

@@ -11,7 +11,8 @@ A checkpoint is the folder ``<output_dir>/step_<N>/``:
 
 Every rank writes into ``.step_<N>.tmp/``; after a barrier rank 0 renames it to
 ``step_<N>``, so a crash mid-save leaves only a temporary folder, which is ignored (and
-removed by the next save), and the previous checkpoint stays usable. Files are read with
+removed by the next save), and the previous checkpoint stays usable. Pruning keeps the
+newest ``keep_last_n`` up to the step just saved. Files are read with
 ``weights_only=True``: carried states are stored as plain dicts of tensors.
 """
 
@@ -99,6 +100,11 @@ class TrainingCheckpointer:
         found = [(int(m.group(1)), p) for p in self.output_dir.iterdir() if (m := STEP_DIR.match(p.name))]
         return [p for _, p in sorted(found) if (p / "meta.json").exists()]
 
+    @staticmethod
+    def step_of(path: Path) -> int:
+        """The step a complete checkpoint folder was saved at."""
+        return json.loads((Path(path) / "meta.json").read_text())["step"]
+
     def latest(self) -> Optional[Path]:
         done = self.complete()
         return done[-1] if done else None
@@ -123,11 +129,18 @@ class TrainingCheckpointer:
         if self.rank == 0:
             torch.save(trainer, tmp / "trainer.pt")
             (tmp / "meta.json").write_text(json.dumps({"step": step, "world_size": self.world_size}))
-            shutil.rmtree(final, ignore_errors=True)
+            # A re-save of the same step moves the old folder aside first: at every moment
+            # either the old or the new step_<step> is complete (or an earlier step is newest).
+            replaced = self.output_dir / f".step_{step}.old"
+            if final.exists():
+                final.rename(replaced)
             tmp.rename(final)
-            for old in self.complete()[: -self.keep_last_n]:
+            shutil.rmtree(replaced, ignore_errors=True)
+            # Pruning keeps the newest up to this step; a newer step_<N> is never touched.
+            earlier = [p for p in self.complete() if self.step_of(p) <= step]
+            for old in earlier[: -self.keep_last_n]:
                 shutil.rmtree(old)
-            for stale in self.output_dir.glob(".step_*.tmp"):
+            for stale in list(self.output_dir.glob(".step_*.tmp")) + list(self.output_dir.glob(".step_*.old")):
                 shutil.rmtree(stale, ignore_errors=True)
         _barrier()
         return final

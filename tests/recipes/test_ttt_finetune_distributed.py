@@ -247,3 +247,11 @@ def test_a_converted_checkpoint_continues_only_with_matching_ttt_settings(tmp_pa
     recipe = _run(follow("max_steps=1", "ttt.checkpoint_group_size=2"))
     assert [layer.ttt.checkpoint_group_size for layer in recipe.model.decoder.layers[2:]] == [2, 2]
     assert len(recipe.model.config["ttt"]) == 1  # no empty conversion recorded
+
+
+def test_a_fresh_start_next_to_newer_checkpoints_is_refused(tmp_path):
+    _run(_quick(tmp_path, "max_steps=2", "checkpoint.save_every_n_steps=1"))
+    with pytest.raises(ConfigError, match=r"resume='none' starts at step 0 but output_dir holds step_2"):
+        _run(_quick(tmp_path, "max_steps=2", "resume=none"))
+    with pytest.raises(ConfigError, match=r"starts at step 1 but output_dir holds step_2"):
+        _run(_quick(tmp_path, "max_steps=3", f"resume={tmp_path / 'step_1'}"))

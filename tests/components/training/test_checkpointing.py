@@ -76,3 +76,15 @@ def test_carried_states_round_trip_through_weights_only_files(tmp_path):
         if t1 is not None:
             assert type(t2).__name__ == "TTTState"
             assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(t1, t2))
+
+
+def test_pruning_never_touches_newer_steps_and_a_resave_replaces_in_place(tmp_path):
+    model, optimizer = _trained()
+    ckpt = TrainingCheckpointer(tmp_path, keep_last_n=1)
+    ckpt.save(9, model, optimizer, trainer={"step": 9}, own={})
+    ckpt.save(4, model, optimizer, trainer={"step": 4}, own={})
+    assert [p.name for p in ckpt.complete()] == ["step_4", "step_9"]
+    ckpt.save(4, model, optimizer, trainer={"step": 44}, own={})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_4", "step_9"]
+    assert ckpt.load(tmp_path / "step_4", model, optimizer)[0] == {"step": 44}
+    assert ckpt.step_of(tmp_path / "step_9") == 9
