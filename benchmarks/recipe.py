@@ -47,7 +47,7 @@ def _best(fn, repeats: int) -> float:
 
 
 def step_worker(repeats: int) -> dict:
-    from recipes.ttt_finetune_distributed import TTTFinetuneRecipeDistributed
+    from recipes.ttt_finetune_distributed import Accumulated, TTTFinetuneRecipeDistributed
 
     with tempfile.TemporaryDirectory() as tmp:
         recipe = TTTFinetuneRecipeDistributed(_config(tmp, "resume=none"))
@@ -55,12 +55,11 @@ def step_worker(repeats: int) -> dict:
         step = recipe._next_step()
         while sum(s is not None for s in step) < len(step):  # a step with every slot reading
             step = recipe._next_step()
-        recipe.timers = dict(step=0.0, state=0.0)
         tokens = sum(len(recipe.dataset.window(s.conversation, s.window, recipe.cfg.window).tokens) for s in step)
 
         def train_step():
-            _, n, _, _ = recipe._forward_backward(step, capture=False)
-            recipe._optimizer_step(n, [])
+            loss, targets, read, _, ids = recipe._forward_backward(step, capture=False)
+            recipe._optimizer_step(Accumulated(loss, targets, read, [], ids))
 
         def monitored_forward():
             recipe._forward_backward(step, capture=True)
@@ -70,9 +69,9 @@ def step_worker(repeats: int) -> dict:
         step_s = _best(train_step, repeats)
         plain_s = _best(lambda: recipe._forward_backward(step, capture=False), repeats)
         monitored_s = _best(monitored_forward, repeats)
-        recipe.timers["state"] = 0.0
+        recipe.timers["state_check"] = 0.0
         recipe._forward_backward(step, capture=False)
-        state_s = recipe.timers["state"]
+        state_s = recipe.timers["state_check"]
         recipe.cleanup()
     monitor_share = max(monitored_s - plain_s, 0.0) / step_s
     interval = recipe.cfg.monitor.log_every_n_steps

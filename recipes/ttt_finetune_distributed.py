@@ -18,10 +18,10 @@ import contextlib
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torchtune import config
 from tqdm import tqdm
@@ -70,7 +70,7 @@ SCHEMA = {
     "gradient_accumulation_steps": int,
     "clip_grad_norm": Nullable(float),
     "loss_chunk_size": int,
-    "optimizer": Component(passed=("params",)),
+    "optimizer": Component(passed=("params",), required=("lr", "weight_decay")),
     "ttt_param_group": {"lr": float, "weight_decay": float},
     "lr_scheduler": Component(passed=("optimizer", "num_training_steps")),
     "parallelism": {"fsdp": bool, "reshard_after_forward": bool, "cpu_offload": bool},
@@ -83,28 +83,41 @@ SCHEMA = {
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
+class Accumulated(NamedTuple):
+    """What the windows of one optimizer step left, on this rank."""
+
+    loss_sum: torch.Tensor  # summed cross-entropy, float64
+    target_tokens: int
+    tokens: int  # real tokens read
+    problems: list  # NonFinite findings of states and losses
+    conversation_ids: list  # of every row of every window
+
+
 def check_options(cfg: DictConfig) -> None:
     """Option combinations the schema cannot express, refused by key before any work."""
     validate_config(cfg, SCHEMA)
     if (cfg.model.checkpoint_dir is None) == (cfg.model.builder is None):
         raise ConfigError("set exactly one of model.checkpoint_dir (a Llama-Omni checkpoint) and model.builder")
+    if not cfg.ttt.layers or not all(isinstance(i, int) and i >= 0 for i in cfg.ttt.layers):
+        raise ConfigError(f"ttt.layers={list(cfg.ttt.layers)} must name decoder layers to convert (e.g. [24, ..., 31])")
+    at_least = {"window": 1, "batch_slots": 1, "epochs": 1, "max_steps": 1, "gradient_accumulation_steps": 1,
+                "loss_chunk_size": 1, "ttt.mini_batch_size": 1, "ttt.checkpoint_group_size": 0, "model.memory_len": 0,
+                "monitor.log_every_n_steps": 1, "checkpoint.save_every_n_steps": 1, "checkpoint.keep_last_n": 1}
+    if cfg.model.attention_window is not None:
+        at_least["model.attention_window"] = 1
+    for key, least in at_least.items():
+        if OmegaConf.select(cfg, key) < least:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be >= {least}")
     K = cfg.ttt.mini_batch_size
-    if cfg.window < 1 or cfg.window % K != 0:
+    if cfg.window % K != 0:
         raise ConfigError(f"window={cfg.window} must be a positive multiple of ttt.mini_batch_size={K}: "
                           "a window that is not full would leave padding inside a carried conversation")
     if cfg.model.attention_window is not None and cfg.model.memory_len < cfg.model.attention_window - 1:
         raise ConfigError(f"model.memory_len={cfg.model.memory_len} < model.attention_window - 1: "
                           "tokens at the start of each window would see less than the window")
-    if not cfg.ttt.layers:
-        raise ConfigError("ttt.layers is empty: name the decoder layers to convert (e.g. [24, 25, ..., 31])")
-    for key in ("batch_slots", "epochs", "max_steps", "gradient_accumulation_steps", "loss_chunk_size"):
-        if cfg[key] < 1:
-            raise ConfigError(f"{key}={cfg[key]} must be >= 1")
-    for key in ("log_every_n_steps",):
-        if cfg.monitor[key] < 1:
-            raise ConfigError(f"monitor.{key} must be >= 1")
-    if cfg.checkpoint.save_every_n_steps < 1 or cfg.checkpoint.keep_last_n < 1:
-        raise ConfigError("checkpoint.save_every_n_steps and checkpoint.keep_last_n must be >= 1")
+    if "speech_generator" in cfg.train:
+        raise ConfigError("train: speech_generator has no loss in this recipe yet (batches carry no unit "
+                          "targets, so it would get no gradient); train it with a CTC recipe")
     if cfg.parallelism.cpu_offload and cfg.device != "cuda":
         raise ConfigError("parallelism.cpu_offload=true needs device=cuda (the parameters are on the CPU already)")
 
@@ -127,6 +140,7 @@ class TTTFinetuneRecipeDistributed:
         self.skipped_steps = 0
         self.carried = None  # the slots' OmniState, detached; None before the first step
         self.pending_reset = torch.zeros(cfg.batch_slots, dtype=torch.bool)  # slots reset by `skip`
+        self.timers = dict(step=0.0, state_check=0.0)  # seconds, per step
 
     def log(self, message: str) -> None:
         if self.rank == 0:
@@ -244,62 +258,69 @@ class TTTFinetuneRecipeDistributed:
         step_number = self.step + 1  # the optimizer step being computed, as in the metrics
         found = check_states(out.state, step_number, ids) or check_loss(out.token_loss, step_number, ids)
         self.carried = out.state.detach()
-        self.timers["state"] += time.perf_counter() - tic
-        # Summed, not averaged: the optimizer step divides by the tokens of all windows and ranks.
+        self.timers["state_check"] += time.perf_counter() - tic
+        # Summed, not averaged: the optimizer step divides by the target tokens of all windows and ranks.
         out.token_loss.sum().backward()
-        tokens = (batch.targets != -100).sum()
-        return out.token_loss.detach().sum(), tokens, found, batch.mask.sum()
+        targets = int((batch.targets != -100).sum())
+        return out.token_loss.detach().sum().double().cpu(), targets, int(batch.mask.sum()), found, ids
 
-    def _accumulate(self, capture: bool):
+    def _accumulate(self, capture: bool) -> Optional[Accumulated]:
         """Up to ``gradient_accumulation_steps`` windows per slot; None when the epochs are done."""
-        loss_sum, tokens, seen, problems, ran = torch.zeros(()), torch.zeros((), dtype=torch.long), 0, [], 0
+        total = Accumulated(torch.zeros((), dtype=torch.float64), 0, 0, [], [])
         for micro in range(self.cfg.gradient_accumulation_steps):
             step = self._next_step()
             if step is None:
                 break
-            loss, n, found, read = self._forward_backward(step, capture=capture and micro == 0)
-            loss_sum, tokens, seen, ran = loss_sum + loss.cpu(), tokens + n.cpu(), seen + int(read), ran + 1
-            problems += [found] if found is not None else []
-        return (loss_sum, tokens, seen, problems) if ran else None
+            loss, targets, read, found, ids = self._forward_backward(step, capture=capture and micro == 0)
+            total = Accumulated(total.loss_sum + loss, total.target_tokens + targets, total.tokens + read,
+                                total.problems + ([found] if found is not None else []), total.conversation_ids + ids)
+        return total if total.conversation_ids else None
 
     def train(self) -> None:
         cfg = self.cfg
         progress = tqdm(total=cfg.max_steps, initial=self.step, disable=self.rank != 0, dynamic_ncols=True)
         while self.step < cfg.max_steps:
-            self.timers = dict(step=time.perf_counter(), state=0.0)
+            self.timers = dict(step=time.perf_counter(), state_check=0.0)
             logging = (self.step + 1) % cfg.monitor.log_every_n_steps == 0
-            accumulated = self._accumulate(capture=logging)
-            if accumulated is None:
+            done = self._accumulate(capture=logging)
+            if done is None:
                 break  # every rank runs the same number of steps, so all stop here together
-            loss_sum, tokens, seen, problems = accumulated
             ttt_metrics = self.monitor.metrics() if logging else {}
-            stepped, grad_norm = self._optimizer_step(tokens, problems)
+            stepped, grad_norm = self._optimizer_step(done)
             self.step += 1
-            if logging:
-                self._check_parameters()
-            totals = all_reduce(torch.tensor([loss_sum.item(), tokens.item(), seen], dtype=torch.float64, device=self.device)).cpu()
+            saving = self.step % cfg.checkpoint.save_every_n_steps == 0
+            if logging or saving:
+                self._check_parameters(done.conversation_ids)
+            # loss sum, target tokens, tokens over all ranks
+            totals = all_reduce(torch.tensor([done.loss_sum.item(), done.target_tokens, done.tokens],
+                                             dtype=torch.float64, device=self.device)).cpu().tolist()
             elapsed = time.perf_counter() - self.timers["step"]
-            loss, tokens_per_second = (totals[0] / totals[1].clamp_min(1)).item(), totals[2].item() / elapsed
+            loss, tokens_per_second = totals[0] / max(totals[1], 1.0), totals[2] / elapsed
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_second:.0f}")
             if logging:
                 self.metrics.log(self.step, {
-                    "loss": loss, "grad_norm": grad_norm, **{f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups},
-                    "data/skipped_records": len(self.dataset.report.skipped),
-                    "tokens": totals[2].item(), "target_tokens": totals[1].item(), "tokens_per_second": tokens_per_second,
-                    "skipped_steps": self.skipped_steps, "optimizer_stepped": float(stepped),
-                    "time/step_s": elapsed, "time/state_s": self.timers["state"], **ttt_metrics,
+                    "loss": loss, "grad_norm": grad_norm, "optimizer_stepped": float(stepped),
+                    **{f"lr/{group['name']}": group["lr"] for group in self.optimizer.param_groups},
+                    "tokens": totals[2], "target_tokens": totals[1], "tokens_per_second": tokens_per_second,
+                    "skipped_steps": self.skipped_steps, "data/skipped_records": len(self.dataset.report.skipped),
+                    "time/step_s": elapsed, "time/state_check_s": self.timers["state_check"], **ttt_metrics,
                 })
-            if self.step % cfg.checkpoint.save_every_n_steps == 0:
+            if saving:
                 self.save_checkpoint()
         progress.close()
         if self.checkpointer.latest() != self.output_dir / f"step_{self.step}":
+            self._check_parameters([])
             self.save_checkpoint()
         self.save_final_model()
 
-    def _optimizer_step(self, tokens, problems) -> tuple:
-        """Scales gradients to the mean over all tokens, checks them, steps (or skips)."""
-        total_tokens = all_reduce(tokens.to(self.device).float()).item()
+    def _optimizer_step(self, done: Accumulated) -> tuple:
+        """Scales gradients to the mean over all target tokens, checks them, steps or skips.
+
+        The schedule follows the step count: it advances on skipped steps too.
+        Returns ``(stepped, grad_norm)``.
+        """
+        total_tokens = all_reduce(torch.tensor(float(done.target_tokens), device=self.device)).item()
         # FSDP averages gradients over ranks; the loss is a sum: mean = sum * world / tokens.
         scale = self.world_size / max(total_tokens, 1.0)
         for p in self.trainable:
@@ -308,38 +329,47 @@ class TTTFinetuneRecipeDistributed:
         max_norm = self.cfg.clip_grad_norm if self.cfg.clip_grad_norm is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        if not torch.isfinite(grad_norm) and not problems:
-            found = check_parameters(self.model, self.step + 1, [], grads=True)
-            problems.append(found) if found is not None else None
-        bad = all_reduce(torch.tensor([float(bool(problems) or not torch.isfinite(grad_norm))], device=self.device))
-        if bad.item() > 0:
-            self._on_nonfinite(problems)
-            self.optimizer.zero_grad(set_to_none=True)
-            return False, float("nan")
-        self.guard.check(self.step + 1)
-        self.optimizer.step()
+        problems = list(done.problems)
+        bad_grads = not torch.isfinite(grad_norm).item()
+        if bad_grads and not problems:
+            found = check_parameters(self.model, self.step + 1, done.conversation_ids, grads=True)
+            if found is not None:
+                problems.append(found)
+        # [ranks that blame conversations, ranks with non-finite gradients]: all ranks decide alike
+        flags = all_reduce(torch.tensor([float(bool(done.problems)), float(bad_grads)], device=self.device)).tolist()
+        stepped = False
+        if any(flags):
+            self._on_nonfinite(problems, blamed_somewhere=flags[0] > 0)
+        elif total_tokens > 0:  # a step without targets has nothing to learn from
+            self.guard.check(self.step + 1)
+            self.optimizer.step()
+            stepped = True
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total_tokens > 0, grad_norm.item()
+        return stepped, grad_norm.item()
 
-    def _check_parameters(self) -> None:
+    def _check_parameters(self, conversation_ids: list) -> None:
         """Non-finite parameters cannot be skipped: stop under either policy (all ranks together)."""
-        found = check_parameters(self.model, self.step, [])
+        found = check_parameters(self.model, self.step, conversation_ids)
         if all_reduce(torch.tensor([float(found is not None)], device=self.device)).item() > 0:
             if found is not None:
                 raise NonFiniteError(found)
             raise RuntimeError(f"another rank found non-finite parameters after step {self.step}; see its error")
 
-    def _on_nonfinite(self, problems) -> None:
+    def _on_nonfinite(self, problems: list, blamed_somewhere: bool) -> None:
+        """``raise``: stop naming the first finding. ``skip``: count the step and reset the slots
+        whose conversations were blamed (all slots when only gradients went non-finite)."""
         if self.cfg.monitor.on_nonfinite == "raise":
             if problems:
                 raise NonFiniteError(problems[0])
             raise RuntimeError(f"another rank found non-finite values at step {self.step + 1}; see its error")
         self.skipped_steps += 1
-        rows = {r for found in problems for r in found.rows} or set(range(self.cfg.batch_slots))
-        self.pending_reset[sorted(rows)] = True
-        self.log(f"skipped step {self.step + 1} ({'; '.join(map(str, problems)) or 'on another rank'}); "
-                 f"reset slots {sorted(rows)}")
+        slots = {row % self.cfg.batch_slots for found in problems for row in found.rows}
+        if not problems and not blamed_somewhere:
+            slots = set(range(self.cfg.batch_slots))
+        self.pending_reset[sorted(slots)] = True
+        self.log(f"skipped step {self.step + 1} ({'; '.join(map(str, problems)) or 'found on another rank'}); "
+                 f"reset slots {sorted(slots)}")
 
     # ----------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:

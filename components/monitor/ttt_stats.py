@@ -184,10 +184,14 @@ def ttt_layer_stats(
     return out
 
 
-def _bind(args: tuple, kwargs: dict) -> Tuple[Tensor, Optional[TTTState], Optional[Tensor]]:
-    """``(x, state, mask)`` of a ``_TTTBase.forward`` call, positional or keyword."""
-    bound = dict(zip(("x", "state", "mask"), args), **kwargs)
-    return bound["x"], bound.get("state"), bound.get("mask")
+def _bind(layer: nn.Module, args: tuple, kwargs: dict) -> Tuple[Tensor, Optional[TTTState], Optional[Tensor]]:
+    """``(x, state, mask)`` of a ``_TTTBase.forward`` call, positional or keyword; the state is
+    the one the layer starts from (rows flagged by ``reset`` start afresh)."""
+    bound = dict(zip(("x", "state", "mask", "reset"), args), **kwargs)
+    state, reset = bound.get("state"), bound.get("reset")
+    if state is not None and reset is not None:
+        state = layer.reset_rows(state, reset)
+    return bound["x"], state, bound.get("mask")
 
 
 class TTTMonitor:
@@ -248,8 +252,8 @@ class TTTMonitor:
             self._handles = []
 
     def _on_ttt(self, index: int, layer: nn.Module, args: tuple, kwargs: dict, output: tuple) -> None:
-        x, state_in, mask = _bind(args, kwargs)
         with torch.no_grad():
+            x, state_in, mask = _bind(layer, args, kwargs)
             stats = ttt_layer_stats(layer, x.detach(), state_in, output[1], mask)
         self._records.setdefault(index, {}).update(stats)
 

@@ -40,9 +40,11 @@ class Nullable:
 @dataclass(frozen=True)
 class Component:
     """A ``{_component_: dotted.path, **kwargs}`` section; ``passed`` are arguments the recipe
-    supplies itself (e.g. an optimizer's ``params``), so the config must not set them."""
+    supplies itself (e.g. an optimizer's ``params``), so the config must not set them;
+    ``required`` are arguments the recipe reads too, so the config must set them."""
 
     passed: Tuple[str, ...] = ()
+    required: Tuple[str, ...] = ()
 
 
 def _is(value, kind) -> bool:
@@ -68,6 +70,9 @@ def _check_component(section, spec: Component, where: str) -> None:
         component = _get_component_from_path(path)
     except Exception as error:
         raise ConfigError(f"{where}._component_={path!r} cannot be imported: {error}") from None
+    missing = [key for key in spec.required if key not in section]
+    if missing:
+        raise ConfigError(f"config keys {[f'{where}.{key}' for key in missing]} are missing (the recipe reads them)")
     parameters = inspect.signature(component).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     for key in section:

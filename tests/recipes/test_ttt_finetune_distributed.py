@@ -79,6 +79,9 @@ def test_every_config_validates():
         ("window=100", r"window=100 must be a positive multiple of ttt\.mini_batch_size=64"),
         ("lr_scheduler.num_training_steps=5", r"lr_scheduler\.num_training_steps is set by the recipe"),
         ("model.checkpoint_dir=/x", r"set exactly one of model\.checkpoint_dir"),
+        ("ttt.mini_batch_size=0", r"ttt\.mini_batch_size=0 must be >= 1"),
+        ("ttt.layers=[]", r"ttt\.layers=\[\] must name decoder layers"),
+        ("train=[ttt,speech_generator]", r"speech_generator has no loss in this recipe yet"),
     ],
 )
 def test_bad_configs_are_refused_by_key_before_work(override, message):
@@ -90,6 +93,10 @@ def test_a_removed_key_is_named():
     cfg = _config("quickstart.yaml")
     del cfg.monitor["log_every_n_steps"]
     with pytest.raises(ConfigError, match=r"config key monitor\.log_every_n_steps is missing"):
+        check_options(cfg)
+    cfg = _config("quickstart.yaml")
+    del cfg.optimizer["lr"]  # optional for AdamW, but the recipe reads it for the base group
+    with pytest.raises(ConfigError, match=r"config keys \['optimizer\.lr'\] are missing"):
         check_options(cfg)
 
 

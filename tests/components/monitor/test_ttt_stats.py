@@ -193,3 +193,25 @@ def test_bf16_model_and_autocast_give_float32_statistics():
     for key in ("ttt/layer2/recon_loss_before", "ttt/layer3/recon_loss_after", "ttt/layer3/eta/mean"):
         assert autocast[key] == pytest.approx(reference[key], rel=1e-2)
         assert bf16[key] == pytest.approx(reference[key], rel=1e-2)
+
+
+def test_rows_that_reset_are_measured_from_the_fresh_state():
+    """``recon_loss_before`` of a window whose rows all start new conversations is that of a
+    fresh start, not of the forgotten state."""
+    model = _model("linear", "replace")
+    monitor = TTTMonitor(model)
+    first, second = torch.randint(0, 500, (2, 70)), torch.randint(0, 500, (2, 64))
+    with torch.no_grad():
+        carried = model(first).state
+        with monitor.capture():
+            model(second)
+        fresh = monitor.metrics()
+        with monitor.capture():
+            model(second, state=carried, reset=torch.tensor([True, True]))
+        reset = monitor.metrics()
+        with monitor.capture():
+            model(second, state=carried)
+        kept = monitor.metrics()
+    for i in (2, 3):
+        key = f"ttt/layer{i}/recon_loss_before"
+        assert reset[key] == pytest.approx(fresh[key], rel=1e-6) and kept[key] != pytest.approx(fresh[key], rel=1e-3)
