@@ -9,7 +9,8 @@ and torchrun do not have the problem: they put the working directory first.
 
 Importing this module puts a finder at the front of ``sys.meta_path`` that
 resolves ``recipes`` to ``<cwd>/recipes`` whenever ``<cwd>/recipes/__init__.py``
-exists, which is what ``python -m recipes.x`` from that directory would do.
+exists and declares itself this project's (it holds ``MARKER``), which is what
+``python -m recipes.x`` from that directory would do.
 Submodules such as ``recipes.x`` then follow the package's ``__path__`` through
 the normal path finder. Everywhere else the finder declines and import goes on
 as before.
@@ -25,6 +26,8 @@ import os
 import sys
 
 _PACKAGE = "recipes"
+# Only a recipes/ package whose __init__.py holds this line is ours to resolve.
+MARKER = "ttt-omni recipes"
 
 
 class RecipesFinder(importlib.abc.MetaPathFinder):
@@ -42,7 +45,7 @@ class RecipesFinder(importlib.abc.MetaPathFinder):
         Returns:
             Optional[importlib.machinery.ModuleSpec]: the package spec when
             ``fullname`` is ``recipes`` and ``<cwd>/recipes/__init__.py``
-            exists, otherwise None.
+            exists and holds ``MARKER``, otherwise None.
         """
         # Only the top-level name: once our package is imported its __path__
         # points at <cwd>/recipes, so recipes.<anything> resolves there already.
@@ -53,11 +56,20 @@ class RecipesFinder(importlib.abc.MetaPathFinder):
         except OSError:  # the working directory was deleted
             return None
         init_file = os.path.join(package_dir, "__init__.py")
-        if not os.path.isfile(init_file):
+        if not os.path.isfile(init_file) or not _is_ours(init_file):
             return None
         return importlib.util.spec_from_file_location(
             _PACKAGE, init_file, submodule_search_locations=[package_dir]
         )
+
+
+def _is_ours(init_file):
+    """Whether ``init_file`` marks its package as this project's recipes."""
+    try:
+        with open(init_file, encoding="utf-8", errors="replace") as f:
+            return MARKER in f.read(4096)
+    except OSError:
+        return False
 
 
 def install():

@@ -53,7 +53,7 @@ def _hello_line(stdout):
 
 def test_tune_run_uses_cwd_recipes(tmp_path):
     (tmp_path / "recipes").mkdir()
-    (tmp_path / "recipes" / "__init__.py").write_text("")
+    (tmp_path / "recipes" / "__init__.py").write_text('"""ttt-omni recipes"""\n')
     (tmp_path / "recipes" / "hello.py").write_text(_HELLO)
     # The console script itself, not `python -m`, which would put cwd first on
     # sys.path and hide the problem.
@@ -69,11 +69,13 @@ def test_tune_run_uses_cwd_recipes(tmp_path):
     assert via_tune == via_python
 
 
-@pytest.mark.parametrize("layout", ["no_recipes_dir", "recipes_dir_without_init"])
+@pytest.mark.parametrize("layout", ["no_recipes_dir", "recipes_dir_without_init", "another_projects_recipes"])
 def test_hook_defers_elsewhere(tmp_path, layout):
-    if layout == "recipes_dir_without_init":
+    if layout != "no_recipes_dir":
         (tmp_path / "recipes").mkdir()
         (tmp_path / "recipes" / "hello.py").write_text(_HELLO)
+    if layout == "another_projects_recipes":
+        (tmp_path / "recipes" / "__init__.py").write_text("")
 
     result = json.loads(_run([sys.executable, "-c", _RESOLVE], tmp_path))
 

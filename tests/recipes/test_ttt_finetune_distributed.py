@@ -116,26 +116,30 @@ class _Crash(Exception):
     pass
 
 
-def test_resume_is_exact(tmp_path, monkeypatch):
-    """6 steps in one go == a run that crashes right after saving step 3, resumed with
-    ``resume: auto``: identical losses and final weights."""
-    cfg = lambda out: _quick(out, "max_steps=6", "checkpoint.save_every_n_steps=3", "lr_scheduler.num_warmup_steps=2")  # noqa: E731
+@pytest.mark.parametrize("accumulation, crash_at, steps", [(1, 3, 6), (2, 9, 12)], ids=["plain", "accumulation-epoch"])
+def test_resume_is_exact(tmp_path, monkeypatch, accumulation, crash_at, steps):
+    """N steps in one go == a run that crashes right after saving step k, resumed with
+    ``resume: auto``: identical losses and final weights. With 2 windows per step an epoch of
+    the sample set ends at step 10, so the second case resumes before an epoch boundary."""
+    overrides = (f"max_steps={steps}", f"checkpoint.save_every_n_steps={crash_at}", "lr_scheduler.num_warmup_steps=2",
+                 f"gradient_accumulation_steps={accumulation}", "epochs=2")
+    cfg = lambda out: _quick(out, *overrides)  # noqa: E731
     _run(cfg(tmp_path / "once"))
     save = TTTFinetuneRecipeDistributed.save_checkpoint
 
     def save_then_crash(self):
         save(self)
-        if self.step == 3:
+        if self.step == crash_at:
             raise _Crash()
 
     monkeypatch.setattr(TTTFinetuneRecipeDistributed, "save_checkpoint", save_then_crash)
     with pytest.raises(_Crash):
         _run(cfg(tmp_path / "twice"))
     monkeypatch.undo()
-    assert [p.name for p in (tmp_path / "twice").glob("step_*")] == ["step_3"]
+    assert [p.name for p in (tmp_path / "twice").glob("step_*")] == [f"step_{crash_at}"]
     _run(cfg(tmp_path / "twice"))
     once, twice = _metrics(tmp_path / "once"), _metrics(tmp_path / "twice")
-    assert [m["step"] for m in twice] == [1, 2, 3, 4, 5, 6]
+    assert [m["step"] for m in twice] == list(range(1, steps + 1))
     assert [m["loss"] for m in twice] == [m["loss"] for m in once]
     with safe_open(str(tmp_path / "once" / "model" / "model-00001-of-00001.safetensors"), "pt") as a, \
             safe_open(str(tmp_path / "twice" / "model" / "model-00001-of-00001.safetensors"), "pt") as b:
