@@ -128,7 +128,7 @@ class TTTFinetuneRecipeDistributed:
     def __init__(self, cfg: DictConfig):
         check_options(cfg)
         if cfg.resume not in ("auto", "none") and not (Path(cfg.resume) / "meta.json").exists():
-            raise ConfigError(f"resume={cfg.resume!r}: expected 'auto', 'none' or a complete step_<N> checkpoint folder")
+            raise ConfigError(f"resume={cfg.resume!r}: expected 'auto', 'none' or a complete step_<N> folder")
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device=cuda but no GPU is visible")
         self.cfg = cfg
@@ -171,7 +171,8 @@ class TTTFinetuneRecipeDistributed:
 
         self.monitor = TTTMonitor(self.model)
         self.metrics = MetricsLogger(self.output_dir, config.instantiate(cfg.metric_logger), rank=self.rank)
-        self.checkpointer = TrainingCheckpointer(self.output_dir, cfg.checkpoint.keep_last_n, self.rank, self.world_size)
+        self.checkpointer = TrainingCheckpointer(self.output_dir, cfg.checkpoint.keep_last_n, self.rank,
+                                                 self.world_size)
         self._resume()
 
     def _resume(self) -> None:
@@ -219,7 +220,8 @@ class TTTFinetuneRecipeDistributed:
             wanted["base_lr"] = ttt.base_lr
         for i, found in converted_settings(model).items():
             if i not in ttt.layers:
-                raise ConfigError(f"model.checkpoint_dir has a TTT layer {i} that ttt.layers={list(ttt.layers)} does not list")
+                raise ConfigError(f"model.checkpoint_dir has a TTT layer {i} that "
+                                  f"ttt.layers={list(ttt.layers)} does not list")
             for key, value in wanted.items():
                 if found[key] != value:
                     raise ConfigError(f"model.checkpoint_dir's layer {i} is a TTT layer with {key}={found[key]!r}, "
@@ -243,16 +245,19 @@ class TTTFinetuneRecipeDistributed:
             self._steps = None
         return None
 
+    def _on_device(self, tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if tensor is None else tensor.to(self.device)
+
     def _forward_backward(self, step, capture: bool):
         """One window per slot: forward with the carried state, backward of the summed loss."""
         batch = collate(step, self.dataset, self.cfg.window, pad_multiple=self.cfg.ttt.mini_batch_size)
         reset = (batch.reset | self.pending_reset).to(self.device)
         self.pending_reset = torch.zeros_like(self.pending_reset)
-        to = lambda t: None if t is None else t.to(self.device)  # noqa: E731
+        on = self._on_device
         with self.monitor.capture() if capture else contextlib.nullcontext():
-            out = self.model(to(batch.tokens), to(batch.speech), state=self.carried, mask=to(batch.mask),
-                             speech_lengths=to(batch.speech_lengths), speech_starts=to(batch.speech_starts),
-                             reset=reset, targets=to(batch.targets), loss_chunk_size=self.cfg.loss_chunk_size)
+            out = self.model(on(batch.tokens), on(batch.speech), state=self.carried, mask=on(batch.mask),
+                             speech_lengths=on(batch.speech_lengths), speech_starts=on(batch.speech_starts),
+                             reset=reset, targets=on(batch.targets), loss_chunk_size=self.cfg.loss_chunk_size)
         tic = time.perf_counter()
         ids = batch.conversation_ids
         step_number = self.step + 1  # the optimizer step being computed, as in the metrics

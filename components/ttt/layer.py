@@ -143,9 +143,11 @@ class _TTTBase(nn.Module):
         Fresh rows read the parameters (gradients reach them); the others keep their state.
         Call it inside forward (``reset=``): under FSDP the parameters are whole only there.
         """
-        fresh = self.init_state(state.batch_size)
-        pick = lambda new, old: None if old is None else torch.where(rows.view(-1, *[1] * (old.dim() - 1)), new, old)  # noqa: E731
-        return TTTState(*(pick(new, old) for new, old in zip(fresh, state)))
+        fresh = []
+        for new, old in zip(self.init_state(state.batch_size), state):
+            # rows [B] -> [B, 1, ...] against each field (W1 [B,H,f,F], ..., offset [B])
+            fresh.append(None if old is None else torch.where(rows.view(-1, *[1] * (old.dim() - 1)), new, old))
+        return TTTState(*fresh)
 
     def _check_inputs(self, x: Tensor, state: Optional[TTTState], mask: Optional[Tensor], reset: Optional[Tensor]) -> Tensor:
         """Validates the arguments of forward; returns the number of real tokens per row."""
