@@ -35,7 +35,7 @@ from components.training import FP32Guard, cast_for_training, param_groups, para
 from components.training.checkpointing import TrainingCheckpointer, state_from_dict, state_to_dict
 from components.training.config_schema import Component, ConfigError, Nullable, OneOf, validate_config
 from components.training.distributed import all_reduce, init_distributed, is_distributed
-from components.training.trainable import set_trainable
+from components.training.trainable import PARTS, set_trainable
 
 # Every key this recipe reads; anything else in a config is refused before work starts.
 SCHEMA = {
@@ -115,9 +115,12 @@ def check_options(cfg: DictConfig) -> None:
     if cfg.model.attention_window is not None and cfg.model.memory_len < cfg.model.attention_window - 1:
         raise ConfigError(f"model.memory_len={cfg.model.memory_len} < model.attention_window - 1: "
                           "tokens at the start of each window would see less than the window")
+    unknown = [part for part in cfg.train if part not in PARTS]
+    if unknown:
+        raise ConfigError(f"train: unknown parts {unknown}; choose among {list(PARTS)}")
     if "speech_generator" in cfg.train:
         raise ConfigError("train: speech_generator has no loss in this recipe yet (batches carry no unit "
-                          "targets, so it would get no gradient); train it with a CTC recipe")
+                          "targets, so it would get no gradient); leave it out of train")
     if cfg.parallelism.cpu_offload and cfg.device != "cuda":
         raise ConfigError("parallelism.cpu_offload=true needs device=cuda (the parameters are on the CPU already)")
 
@@ -396,7 +399,7 @@ class TTTFinetuneRecipeDistributed:
     def save_final_model(self) -> None:
         """The trained model in the Llama-Omni layout (TTT tensors float32) at ``<output_dir>/model``."""
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state = get_model_state_dict(self.model, options=options)  # gathered on every rank under FSDP
+        state = get_model_state_dict(self.model, options=options)  # a collective under FSDP; rank 0 gets it all
         if self.rank == 0:
             save_llama_omni(self.model, self.output_dir / "model", state_dict=state)
             self.log(f"saved the model in the Llama-Omni layout to {self.output_dir / 'model'}")
