@@ -15,6 +15,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
 from components.data.audio import BadAudio, LogMel, audio_positions
 from components.data.conversation import BadRecord, ReadReport, read_conversations
@@ -86,6 +87,8 @@ class Batch:
     reset: Tensor  # [B] bool: start the slot's state afresh before this window
     last: Tensor  # [B] bool: the window ends its conversation
     conversation_ids: List[Optional[str]]
+    units: Optional[Tensor] = None  # [N, U_max] target units of the N whole assistant turns with units, -100 padded
+    unit_turns: Optional[Tensor] = None  # [N, 3] (row, start, end): each such turn's response positions
 
 
 def collate(step: Step, dataset: ConversationDataset, window: int, pad_multiple: int = 64, pad_id: int = 0) -> Batch:
@@ -99,9 +102,12 @@ def collate(step: Step, dataset: ConversationDataset, window: int, pad_multiple:
     targets = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros(B, T, dtype=torch.bool)
     pieces, starts, lengths = [], [], []
+    turns, unit_targets = [], []
     for row, w in enumerate(windows):
         if w is None:
             continue
+        turns += [(row, span.start, span.end) for span in w.units]
+        unit_targets += [torch.tensor(span.units) for span in w.units]
         n = len(w.tokens)
         tokens[row, :n] = torch.tensor(w.tokens)
         labels[row, :n] = torch.tensor(w.labels)
@@ -125,4 +131,6 @@ def collate(step: Step, dataset: ConversationDataset, window: int, pad_multiple:
         reset=flags("reset"),
         last=flags("last"),
         conversation_ids=[None if w is None else w.conversation for w in windows],
+        units=pad_sequence(unit_targets, batch_first=True, padding_value=IGNORE_INDEX) if turns else None,
+        unit_turns=torch.tensor(turns) if turns else None,
     )

@@ -75,12 +75,24 @@ class SpeechSpan:
 
 
 @dataclass(frozen=True)
+class UnitSpan:
+    """An assistant turn's target speech units and its response tokens ``[start, end)`` in the
+    stream (content and ``<|eot_id|>``: the positions its labels cover)."""
+
+    start: int
+    end: int
+    units: Tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class StreamWindow:
     """Tokens ``[start, start + len)`` of a stream and the speech they hold: for each piece,
     ``(span, first position used, positions used)`` (a window may cut a piece).
 
     ``targets[t]`` is the label of the token after ``tokens[t]`` in the stream, so the last
     token of a window is scored on the first token of the next one, as in one long window.
+    ``units`` are the unit spans wholly inside the window, relative to its start (a turn
+    that the window cuts gives no unit target; its text is still scored).
     """
 
     conversation: str
@@ -90,6 +102,7 @@ class StreamWindow:
     labels: List[int]
     targets: List[int]
     speech: List[Tuple[SpeechSpan, int, int]]
+    units: List[UnitSpan] = ()
 
 
 @dataclass(frozen=True)
@@ -98,6 +111,7 @@ class ConversationStream:
     tokens: List[int]
     labels: List[int]
     speech: List[SpeechSpan]
+    unit_spans: List[UnitSpan] = ()
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -115,7 +129,10 @@ class ConversationStream:
         targets = self.labels[start + 1 : end + 1]
         if end == len(self.tokens):
             targets.append(IGNORE_INDEX)  # the stream's last token predicts nothing
-        return StreamWindow(self.id, index, start, self.tokens[start:end], self.labels[start:end], targets, pieces)
+        units = [
+            UnitSpan(u.start - start, u.end - start, u.units) for u in self.unit_spans if start <= u.start and u.end <= end
+        ]
+        return StreamWindow(self.id, index, start, self.tokens[start:end], self.labels[start:end], targets, pieces, units)
 
 
 def _header(tok: ChatTokenizer, role: str) -> List[int]:
@@ -136,6 +153,7 @@ def tokenize_conversation(
     tokens = [tok.special_ids["<|begin_of_text|>"]] + _header(tok, "system") + tok.encode(tok.system_prompt) + [eot]
     labels = [IGNORE_INDEX] * len(tokens)
     speech: List[SpeechSpan] = []
+    unit_spans: List[UnitSpan] = []
     for turn in conversation.turns:
         header = _header(tok, turn.role)
         tokens += header
@@ -149,6 +167,8 @@ def tokenize_conversation(
                     speech.append(SpeechSpan(turn.audio[i], piece, len(tokens) + len(body), positions))
                     body += [SPEECH_TOKEN_ID] * positions
         body.append(eot)
+        if turn.role == "assistant" and turn.units:
+            unit_spans.append(UnitSpan(len(tokens), len(tokens) + len(body), tuple(turn.units)))
         tokens += body
         labels += body if turn.role == "assistant" else [IGNORE_INDEX] * len(body)
-    return ConversationStream(conversation.id, tokens, labels, speech)
+    return ConversationStream(conversation.id, tokens, labels, speech, unit_spans)

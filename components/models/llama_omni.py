@@ -13,6 +13,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.checkpoint import checkpoint
 
 from components.models.decoder import OmniDecoder
@@ -135,6 +136,8 @@ class LlamaOmni(nn.Module):
         reset: Optional[Tensor] = None,
         targets: Optional[Tensor] = None,
         loss_chunk_size: int = 4096,
+        unit_turns: Optional[Tensor] = None,
+        ctc_reduction: str = "mean",
     ) -> LlamaOmniOutput:
         """
         Args:
@@ -148,6 +151,10 @@ class LlamaOmni(nn.Module):
                 placeholders (default: all of them); see :meth:`embed`.
             labels: ``[B, T]`` token labels (-100 outside the response); needed with ``units``.
             units: ``[B, U_max]`` target speech units (-100 padded): the CTC loss is returned.
+            unit_turns: ``[N, 3]`` rows ``(row, start, end)``: ``units`` is then ``[N, U_max]``, one
+                target per assistant turn, generated from that turn's hidden states
+                ``hidden[row, start:end]`` (``labels`` are not needed).
+            ctc_reduction: ``"mean"`` over target units or ``"sum"``.
             targets: ``[B, T]`` the label each position's logits are scored on (-100: none).
                 Then the summed cross-entropy per row is returned instead of the logits,
                 computed ``loss_chunk_size`` positions at a time and recomputed in backward,
@@ -156,10 +163,21 @@ class LlamaOmni(nn.Module):
         h = self.embed(tokens, speech, speech_lengths, speech_starts)
         hidden, layer_states = self.decoder(h, None if state is None else state.layers, mask, reset)
         ctc_loss = None
-        if units is not None:
+        if units is not None and unit_turns is not None:
+            turns = pad_sequence([hidden[r, s:e] for r, s, e in unit_turns.tolist()], batch_first=True)  # [N,L,D]
+            lengths = (unit_turns[:, 2] - unit_turns[:, 1]).to(hidden.device)
+            response = torch.arange(turns.shape[1], device=hidden.device) < lengths.unsqueeze(1)  # [N,L]
+            ctc_loss = self.speech_generator(turns, torch.where(response, 0, -100), units, ctc_reduction)
+        elif units is not None:
             if labels is None:
                 raise ValueError("the CTC loss needs labels (which positions are the response) with units")
-            ctc_loss = self.speech_generator(hidden, labels, units)
+            ctc_loss = self.speech_generator(hidden, labels, units, ctc_reduction)
+        elif torch.is_grad_enabled():
+            # As for speech in embed: a trainable generator joins the graph without units too,
+            # so that data-parallel ranks with and without unit targets reduce the same gradients.
+            trainable = [p for p in self.speech_generator.parameters() if p.requires_grad]
+            if trainable:
+                hidden = hidden + sum(p.sum() for p in trainable).to(hidden.dtype) * 0.0
         if targets is None:
             return LlamaOmniOutput(self.decoder.output(hidden), OmniState(layer_states), hidden, ctc_loss)
         token_loss = sum(

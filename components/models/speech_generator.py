@@ -107,14 +107,16 @@ class CTCSpeechGenerator(nn.Module):
             hidden = layer(hidden, mask=mask, input_pos=input_pos)
         return self.output_proj(hidden), valid
 
-    def forward(self, hidden_states: Tensor, labels: Tensor, units: Tensor) -> Tensor:
-        """CTC loss per target unit.
+    def forward(self, hidden_states: Tensor, labels: Tensor, units: Tensor, reduction: str = "mean") -> Tensor:
+        """CTC loss per target unit (``reduction="mean"``) or summed over them (``"sum"``).
 
         Args:
             hidden_states: ``[B, T, llm_dim]`` the language model's last hidden states.
             labels: ``[B, T]`` token labels; positions with ``-100`` are not part of the response.
             units: ``[B, U]`` target units, right-padded with ``-100``.
         """
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction={reduction!r}; expected 'mean' or 'sum'")
         states = [h[label != IGNORE_INDEX] for h, label in zip(hidden_states, labels)]
         if any(len(s) == 0 for s in states):
             raise ValueError("every row needs response tokens (labels != -100) to generate speech units from")
@@ -128,4 +130,4 @@ class CTCSpeechGenerator(nn.Module):
             log_probs.transpose(0, 1), targets, valid.sum(dim=-1), unit_lengths,
             blank=self.unit_vocab_size, reduction="sum", zero_infinity=True,
         )
-        return loss / unit_lengths.sum()
+        return loss / unit_lengths.sum() if reduction == "mean" else loss

@@ -86,3 +86,22 @@ def test_tiktoken_vocabulary_from_original_tokenizer_model(tmp_path):
 def test_a_directory_without_a_vocabulary_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither tokenizer.json nor original/tokenizer.model"):
         ChatTokenizer.from_dir(tmp_path)
+
+
+def test_unit_targets_follow_their_turn_into_the_window_that_holds_it_whole(tmp_path, tok):
+    base = _conversation(tmp_path)
+    turns = list(base.turns)
+    turns[1] = Turn("assistant", "It is sunny.", units=(5, 6, 7))
+    turns[3] = Turn("assistant", "A long silence.", units=(8, 9))
+    stream = tokenize_conversation(Conversation("c1", tuple(turns), base.source), tok, lambda p: audio_positions(p, trim=True))
+    labelled = [i for i, l in enumerate(stream.labels) if l != IGNORE_INDEX]
+    first, second = stream.unit_spans
+    assert list(range(first.start, first.end)) + list(range(second.start, second.end)) == labelled
+    assert (first.units, second.units) == ((5, 6, 7), (8, 9))
+    whole = stream.window(0, len(stream))
+    assert [(u.start, u.end) for u in whole.units] == [(first.start, first.end), (second.start, second.end)]
+    cut = (first.start + first.end) // 2  # a window boundary inside the first answer
+    before, after = (stream.window(i, cut) for i in (0, 1))
+    assert before.units == [] and [u.units for u in after.units] == ([(8, 9)] if second.end <= 2 * cut else [])
+    if after.units:
+        assert after.units[0].start == second.start - cut

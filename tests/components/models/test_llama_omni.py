@@ -139,3 +139,29 @@ def test_chunked_token_loss_equals_cross_entropy_of_the_logits_with_its_gradient
     out.token_loss.sum().backward()
     for got, want in zip([p.grad for p in model.parameters() if p.grad is not None], wanted):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_ctc_per_turn_equals_the_generator_on_each_turn_alone():
+    """units + unit_turns: each assistant turn's units are generated from its own hidden states;
+    the sum equals the generator run on each slice separately."""
+    torch.manual_seed(0)
+    model = llama_omni_tiny().eval()
+    tokens = torch.randint(0, 512, (2, 40))
+    turns = torch.tensor([[0, 3, 9], [1, 10, 30], [0, 20, 24]])
+    units = torch.tensor([[1, 2, 3, -100], [4, 4, 5, 6], [7, -100, -100, -100]])
+    out = model(tokens, units=units, unit_turns=turns, ctc_reduction="sum")
+    hidden = out.hidden
+    alone = sum(
+        model.speech_generator(hidden[r:r + 1, s:e], torch.zeros(1, e - s, dtype=torch.long), u[u != -100].view(1, -1), "sum")
+        for (r, s, e), u in zip(turns.tolist(), units)
+    )
+    torch.testing.assert_close(out.ctc_loss, alone)
+    mean = model(tokens, units=units, unit_turns=turns).ctc_loss
+    torch.testing.assert_close(mean, alone / 8)
+
+
+def test_a_trainable_generator_gets_zero_gradients_without_units():
+    model = llama_omni_tiny()
+    model(torch.randint(0, 512, (1, 20))).logits.sum().backward()
+    grads = [p.grad for p in model.speech_generator.parameters()]
+    assert all(g is not None and not g.any() for g in grads)  # in the graph, contributing nothing
