@@ -47,6 +47,7 @@ def _best(fn, repeats: int) -> float:
 
 
 def step_worker(repeats: int) -> dict:
+    from components.data.dataset import collate
     from recipes.ttt_finetune_distributed import Accumulated, TTTFinetuneRecipeDistributed
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -55,22 +56,24 @@ def step_worker(repeats: int) -> dict:
         step = recipe._next_step()
         while sum(s is not None for s in step) < len(step):  # a step with every slot reading
             step = recipe._next_step()
-        tokens = sum(len(recipe.dataset.window(s.conversation, s.window, recipe.cfg.window).tokens) for s in step)
+        batch = collate(step, recipe.dataset, recipe.cfg.window)
+        tokens, targets = int(batch.mask.sum()), int((batch.targets != -100).sum())
+        scale = (1.0 / targets, 0.0)
 
         def train_step():
-            loss, targets, read, _, ids = recipe._forward_backward(step, capture=False)
-            recipe._optimizer_step(Accumulated(loss, targets, read, [], ids))
+            loss, ctc, _ = recipe._forward_backward(batch, capture=False, scale=scale)
+            recipe._optimizer_step(Accumulated(loss, ctc, targets, 0, tokens, [], batch.conversation_ids))
 
         def monitored_forward():
-            recipe._forward_backward(step, capture=True)
+            recipe._forward_backward(batch, capture=True, scale=scale)
             recipe.monitor.metrics()
 
         train_step()  # warm-up
         step_s = _best(train_step, repeats)
-        plain_s = _best(lambda: recipe._forward_backward(step, capture=False), repeats)
+        plain_s = _best(lambda: recipe._forward_backward(batch, capture=False, scale=scale), repeats)
         monitored_s = _best(monitored_forward, repeats)
         recipe.timers["state_check"] = 0.0
-        recipe._forward_backward(step, capture=False)
+        recipe._forward_backward(batch, capture=False, scale=scale)
         state_s = recipe.timers["state_check"]
         recipe.cleanup()
     monitor_share = max(monitored_s - plain_s, 0.0) / step_s

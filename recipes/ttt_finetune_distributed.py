@@ -70,6 +70,7 @@ SCHEMA = {
     "gradient_accumulation_steps": int,
     "clip_grad_norm": Nullable(float),
     "loss_chunk_size": int,
+    "ctc_weight": float,
     "optimizer": Component(passed=("params",), required=("lr", "weight_decay")),
     "ttt_param_group": {"lr": float, "weight_decay": float},
     "lr_scheduler": Component(passed=("optimizer", "num_training_steps")),
@@ -86,8 +87,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 class Accumulated(NamedTuple):
     """What the windows of one optimizer step left, on this rank."""
 
-    loss_sum: torch.Tensor  # summed cross-entropy, float64
+    loss_sum: float  # summed cross-entropy
+    ctc_sum: float  # summed CTC loss of the unit targets
     target_tokens: int
+    units: int  # target speech units
     tokens: int  # real tokens read
     problems: list  # NonFinite findings of states and losses
     conversation_ids: list  # of every row of every window
@@ -118,9 +121,11 @@ def check_options(cfg: DictConfig) -> None:
     unknown = [part for part in cfg.train if part not in PARTS]
     if unknown:
         raise ConfigError(f"train: unknown parts {unknown}; choose among {list(PARTS)}")
-    if "speech_generator" in cfg.train:
-        raise ConfigError("train: speech_generator has no loss in this recipe yet (batches carry no unit "
-                          "targets, so it would get no gradient); leave it out of train")
+    if cfg.ctc_weight < 0:
+        raise ConfigError(f"ctc_weight={cfg.ctc_weight} must be >= 0")
+    if "speech_generator" in cfg.train and cfg.ctc_weight == 0:
+        raise ConfigError("train: speech_generator learns only from the CTC loss; set ctc_weight > 0 "
+                          "(and give the assistant turns unit targets) or leave it out of train")
     if cfg.parallelism.cpu_offload and cfg.device != "cuda":
         raise ConfigError("parallelism.cpu_offload=true needs device=cuda (the parameters are on the CPU already)")
 
@@ -251,38 +256,58 @@ class TTTFinetuneRecipeDistributed:
     def _on_device(self, tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return None if tensor is None else tensor.to(self.device)
 
-    def _forward_backward(self, step, capture: bool):
-        """One window per slot: forward with the carried state, backward of the summed loss."""
-        batch = collate(step, self.dataset, self.cfg.window, pad_multiple=self.cfg.ttt.mini_batch_size)
+    def _forward_backward(self, batch, capture: bool, scale: tuple):
+        """One window per slot: forward with the carried state, backward of the weighted loss.
+
+        ``scale``: ``(per target token, per unit)`` factors that make the sum over all windows
+        and ranks of this step the mean cross-entropy plus ``ctc_weight`` x the mean CTC loss.
+        """
         reset = (batch.reset | self.pending_reset).to(self.device)
         self.pending_reset = torch.zeros_like(self.pending_reset)
         on = self._on_device
         with self.monitor.capture() if capture else contextlib.nullcontext():
             out = self.model(on(batch.tokens), on(batch.speech), state=self.carried, mask=on(batch.mask),
                              speech_lengths=on(batch.speech_lengths), speech_starts=on(batch.speech_starts),
-                             reset=reset, targets=on(batch.targets), loss_chunk_size=self.cfg.loss_chunk_size)
+                             reset=reset, targets=on(batch.targets), loss_chunk_size=self.cfg.loss_chunk_size,
+                             units=on(batch.units) if self.cfg.ctc_weight > 0 else None,
+                             unit_turns=on(batch.unit_turns), ctc_reduction="sum")
         tic = time.perf_counter()
         ids = batch.conversation_ids
         step_number = self.step + 1  # the optimizer step being computed, as in the metrics
         found = check_states(out.state, step_number, ids) or check_loss(out.token_loss, step_number, ids)
         self.carried = out.state.detach()
         self.timers["state_check"] += time.perf_counter() - tic
-        # Summed, not averaged: the optimizer step divides by the target tokens of all windows and ranks.
-        out.token_loss.sum().backward()
-        targets = int((batch.targets != -100).sum())
-        return out.token_loss.detach().sum().double().cpu(), targets, int(batch.mask.sum()), found, ids
+        loss_sum = out.token_loss.sum()
+        ctc_sum = out.ctc_loss if out.ctc_loss is not None else loss_sum.new_zeros(())
+        (loss_sum * scale[0] + ctc_sum * scale[1]).backward()
+        return loss_sum.item(), ctc_sum.item(), found
 
     def _accumulate(self, capture: bool) -> Optional[Accumulated]:
         """Up to ``gradient_accumulation_steps`` windows per slot; None when the epochs are done."""
-        total = Accumulated(torch.zeros((), dtype=torch.float64), 0, 0, [], [])
-        for micro in range(self.cfg.gradient_accumulation_steps):
+        steps = []
+        while len(steps) < self.cfg.gradient_accumulation_steps:
             step = self._next_step()
             if step is None:
                 break
-            loss, targets, read, found, ids = self._forward_backward(step, capture=capture and micro == 0)
-            total = Accumulated(total.loss_sum + loss, total.target_tokens + targets, total.tokens + read,
-                                total.problems + ([found] if found is not None else []), total.conversation_ids + ids)
-        return total if total.conversation_ids else None
+            steps.append(step)
+        if not steps:
+            return None
+        batches = [collate(step, self.dataset, self.cfg.window, pad_multiple=self.cfg.ttt.mini_batch_size)
+                   for step in steps]
+        targets = sum(int((b.targets != -100).sum()) for b in batches)
+        units = sum(0 if b.units is None else int((b.units != -100).sum()) for b in batches) if self.cfg.ctc_weight else 0
+        # Normalisers over all ranks, known before any backward: FSDP averages gradients over
+        # ranks, so each rank's share is multiplied by the world size.
+        totals = all_reduce(torch.tensor([float(targets), float(units)], device=self.device)).tolist()
+        scale = (self.world_size / max(totals[0], 1.0), self.cfg.ctc_weight * self.world_size / max(totals[1], 1.0))
+        loss_sum = ctc_sum = 0.0
+        problems, ids = [], []
+        for micro, batch in enumerate(batches):
+            loss, ctc, found = self._forward_backward(batch, capture=capture and micro == 0, scale=scale)
+            loss_sum, ctc_sum, ids = loss_sum + loss, ctc_sum + ctc, ids + batch.conversation_ids
+            problems += [found] if found is not None else []
+        read = sum(int(b.mask.sum()) for b in batches)
+        return Accumulated(loss_sum, ctc_sum, targets, units, read, problems, ids)
 
     def train(self) -> None:
         cfg = self.cfg
@@ -299,8 +324,7 @@ class TTTFinetuneRecipeDistributed:
             saving = self.step % cfg.checkpoint.save_every_n_steps == 0
             if logging or saving:
                 self._check_parameters(done.conversation_ids)
-            # loss sum, target tokens, tokens over all ranks
-            totals = all_reduce(torch.tensor([done.loss_sum.item(), done.target_tokens, done.tokens],
+            totals = all_reduce(torch.tensor([done.loss_sum, done.target_tokens, done.tokens, done.ctc_sum, done.units],
                                              dtype=torch.float64, device=self.device)).cpu().tolist()
             elapsed = time.perf_counter() - self.timers["step"]
             loss, tokens_per_second = totals[0] / max(totals[1], 1.0), totals[2] / elapsed
@@ -312,6 +336,7 @@ class TTTFinetuneRecipeDistributed:
                     **{f"lr/{group['name']}": group["lr"] for group in self.optimizer.param_groups},
                     "tokens": totals[2], "target_tokens": totals[1], "tokens_per_second": tokens_per_second,
                     "skipped_steps": self.skipped_steps, "data/skipped_records": len(self.dataset.report.skipped),
+                    "ctc_loss": totals[3] / max(totals[4], 1.0), "units": totals[4],
                     "time/step_s": elapsed, "time/state_check_s": self.timers["state_check"], **ttt_metrics,
                 })
             if saving:
@@ -323,17 +348,12 @@ class TTTFinetuneRecipeDistributed:
         self.save_final_model()
 
     def _optimizer_step(self, done: Accumulated) -> tuple:
-        """Scales gradients to the mean over all target tokens, checks them, steps or skips.
+        """Checks the gradients (already the mean over all targets), steps or skips.
 
         The schedule follows the step count: it advances on skipped steps too.
         Returns ``(stepped, grad_norm)``.
         """
-        total_tokens = all_reduce(torch.tensor(float(done.target_tokens), device=self.device)).item()
-        # FSDP averages gradients over ranks; the loss is a sum: mean = sum * world / tokens.
-        scale = self.world_size / max(total_tokens, 1.0)
-        for p in self.trainable:
-            if p.grad is not None:
-                p.grad.mul_(scale)
+        learned = all_reduce(torch.tensor(float(done.target_tokens + done.units), device=self.device)).item()
         max_norm = self.cfg.clip_grad_norm if self.cfg.clip_grad_norm is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
@@ -348,7 +368,7 @@ class TTTFinetuneRecipeDistributed:
         stepped = False
         if any(flags):
             self._on_nonfinite(problems, blamed_somewhere=flags[0] > 0)
-        elif total_tokens > 0:  # a step without targets has nothing to learn from
+        elif learned > 0:  # a step without targets has nothing to learn from
             self.guard.check(self.step + 1)
             self.optimizer.step()
             stepped = True

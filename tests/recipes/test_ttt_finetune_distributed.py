@@ -6,6 +6,7 @@ the launch-mode tests run the real ``tune`` command in a subprocess, single proc
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -81,7 +82,7 @@ def test_every_config_validates():
         ("model.checkpoint_dir=/x", r"set exactly one of model\.checkpoint_dir"),
         ("ttt.mini_batch_size=0", r"ttt\.mini_batch_size=0 must be >= 1"),
         ("ttt.layers=[]", r"ttt\.layers=\[\] must name decoder layers"),
-        ("train=[ttt,speech_generator]", r"speech_generator has no loss in this recipe yet"),
+        ("train=[ttt,speech_generator]", r"speech_generator learns only from the CTC loss; set ctc_weight > 0"),
     ],
 )
 def test_bad_configs_are_refused_by_key_before_work(override, message):
@@ -266,3 +267,28 @@ def test_a_fresh_start_next_to_newer_checkpoints_is_refused(tmp_path):
         _run(_quick(tmp_path, "max_steps=2", "resume=none"))
     with pytest.raises(ConfigError, match=r"starts at step 1 but output_dir holds step_2"):
         _run(_quick(tmp_path, "max_steps=3", f"resume={tmp_path / 'step_1'}"))
+
+
+def test_the_speech_generator_trains_on_unit_targets(tmp_path):
+    """Assistant turns with unit targets: with ctc_weight > 0 the CTC loss is reported and the
+    generator (in `train`) learns; a window that cuts a turn just has no target for it."""
+    records = json.loads(Path(SAMPLE).read_text())
+    generator = torch.Generator().manual_seed(0)
+    for record in records:
+        for turn in record["conversation"]:
+            if turn.get("speech"):
+                turn["speech"] = str(Path(SAMPLE).parent / turn["speech"])
+            if turn["from"] == "gpt":
+                turn["unit"] = torch.randint(0, 1000, (12,), generator=generator).tolist()
+    data = tmp_path / "with_units.json"
+    data.write_text(json.dumps(records))
+    recipe = TTTFinetuneRecipeDistributed(_quick(tmp_path / "run", f"dataset.sources=[{data}]", "max_steps=8",
+                                                 "ctc_weight=1.0", "train=[ttt,gates,speech_generator]"))
+    recipe.setup()
+    before = [p.detach().clone() for p in recipe.model.speech_generator.parameters()]
+    recipe.train()
+    recipe.cleanup()
+    metrics = _metrics(tmp_path / "run")
+    assert sum(m["units"] for m in metrics) > 0 and all(math.isfinite(m["ctc_loss"]) for m in metrics)
+    assert any(m["ctc_loss"] > 0 for m in metrics)
+    assert any(not torch.equal(a, b) for a, b in zip(before, recipe.model.speech_generator.parameters()))
