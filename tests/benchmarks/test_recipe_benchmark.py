@@ -12,7 +12,7 @@ def test_recipe_benchmark_reports_every_number():
     )
     result = json.loads(done.stdout)
     assert result["step"]["tokens_per_s"] > 0
-    for key in ("monitor_share_per_logged_step", "state_share"):  # a difference of timings: noisy, maybe 0
-        assert 0 <= result["step"][key] < 1, key
+    for key in ("monitor_share_per_logged_step", "state_share"):  # timed where the work happens
+        assert 0 < result["step"][key] < 1, key
     assert [row["window"] for row in result["memory"]] == [512, 1024]
     assert result["memory"][1]["peak_above_start_mib"] > 0 and "growth_vs_previous" in result["memory"][1]
