@@ -67,13 +67,14 @@ def step_worker(repeats: int) -> dict:
         step = recipe._next_step()
         while sum(s is not None for s in step) < len(step):  # a step with every slot reading
             step = recipe._next_step()
-        batch = collate(step, recipe.dataset, recipe.cfg.window)
+        batch = collate(step, recipe.dataset, recipe.cfg.window, pad_multiple=recipe.cfg.ttt.mini_batch_size)
         tokens, targets = int(batch.mask.sum()), int((batch.targets != -100).sum())
-        scale = (1.0 / targets, 0.0)
+        scale = (1.0 / max(targets, 1), 0.0)
 
         def train_step():
             loss, ctc, _ = recipe._forward_backward(batch, capture=False, scale=scale)
-            recipe._optimizer_step(Accumulated(loss, ctc, targets, 0, tokens, [], batch.conversation_ids))
+            ids = batch.conversation_ids
+            recipe._optimizer_step(Accumulated(loss, ctc, targets, 0, tokens, [], ids, ids, float(targets)))
 
         # The monitor's own work, timed where it happens (its forward hooks, then metrics()):
         # a difference of two whole-step timings would drown in the machine's noise.

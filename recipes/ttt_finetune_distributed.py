@@ -18,7 +18,7 @@ import contextlib
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -30,7 +30,9 @@ from components.checkpoint import load_llama_omni, save_llama_omni
 from components.data.dataset import ConversationDataset, collate
 from components.data.sampler import StatefulConversationSampler
 from components.models import convert_to_ttt, converted_settings
-from components.monitor import MetricsLogger, NonFiniteError, TTTMonitor, check_loss, check_parameters, check_states
+from components.monitor import (
+    MetricsLogger, NonFinite, NonFiniteError, TTTMonitor, check_loss, check_parameters, check_states,
+)
 from components.training import FP32Guard, cast_for_training, param_groups, parallelize
 from components.training.checkpointing import TrainingCheckpointer, state_from_dict, state_to_dict
 from components.training.config_schema import Component, ConfigError, Nullable, OneOf, validate_config
@@ -92,8 +94,10 @@ class Accumulated(NamedTuple):
     target_tokens: int
     units: int  # target speech units
     tokens: int  # real tokens read
-    problems: list  # NonFinite findings of states and losses
+    problems: List[NonFinite]  # findings in states and losses
     conversation_ids: list  # of every row of every window
+    last_ids: list  # of the rows of the last window: the conversations whose state is carried on
+    learned: float  # target tokens + units of all ranks
 
 
 def check_options(cfg: DictConfig) -> None:
@@ -147,8 +151,13 @@ class TTTFinetuneRecipeDistributed:
         self.step = 0  # optimizer steps done
         self.skipped_steps = 0
         self.carried = None  # the slots' OmniState, detached; None before the first step
-        self.pending_reset = torch.zeros(cfg.batch_slots, dtype=torch.bool)  # slots reset by `skip`
+        self.pending_reset: Dict[int, str] = {}  # slot -> conversation to start afresh (policy `skip`)
+        self.last_saved = -1  # step of the last checkpoint this run wrote or loaded
+        self.metrics = None  # made in setup
         self.timers = dict(step=0.0, state_check=0.0)  # seconds, per step
+        self.checkpointer = TrainingCheckpointer(self.output_dir, cfg.checkpoint.keep_last_n, self.rank,
+                                                 self.world_size)
+        self.resume_from = self._resume_point()
 
     def log(self, message: str) -> None:
         if self.rank == 0:
@@ -172,6 +181,8 @@ class TTTFinetuneRecipeDistributed:
             self.log(f"skipped {len(self.dataset.report.skipped)} bad records: {self.dataset.report.skipped}")
         if len(self.dataset) == 0:
             raise ValueError(f"dataset.sources {list(cfg.dataset.sources)} hold no usable conversation")
+        if cfg.ctc_weight > 0:
+            self._check_units()
         self.sampler = StatefulConversationSampler(self.dataset.lengths, cfg.window, cfg.batch_slots, self.rank,
                                                    self.world_size, cfg.seed, cfg.shuffle)
         self._steps = None  # iterator over the sampler's current epoch
@@ -179,22 +190,30 @@ class TTTFinetuneRecipeDistributed:
 
         self.monitor = TTTMonitor(self.model)
         self.metrics = MetricsLogger(self.output_dir, config.instantiate(cfg.metric_logger), rank=self.rank)
-        self.checkpointer = TrainingCheckpointer(self.output_dir, cfg.checkpoint.keep_last_n, self.rank,
-                                                 self.world_size)
-        self._resume()
+        if self.resume_from is not None:
+            self._load_checkpoint(self.resume_from)
 
-    def _resume(self) -> None:
-        """``resume: auto`` loads the newest checkpoint of output_dir. A run that would later save
-        next to newer checkpoints of another trajectory (``none``, or an older step) is refused:
-        ``auto`` would pick those up, and pruning could delete the new ones."""
+    def _resume_point(self) -> Optional[Path]:
+        """The checkpoint to resume from (``resume: auto``: the newest in output_dir), decided before
+        any work. A run that would save next to newer checkpoints of another trajectory
+        (``none``, or an older step) is refused: ``auto`` would pick those up later."""
         latest, resume = self.checkpointer.latest(), self.cfg.resume
         resume_from = latest if resume == "auto" else None if resume == "none" else Path(resume)
         start = 0 if resume_from is None else self.checkpointer.step_of(resume_from)
         if latest is not None and self.checkpointer.step_of(latest) > start:
             raise ConfigError(f"resume={resume!r} starts at step {start} but output_dir holds {latest.name}; "
                               "use resume=auto, move those checkpoints away, or choose another output_dir")
-        if resume_from is not None:
-            self._load_checkpoint(resume_from)
+        return resume_from
+
+    def _check_units(self) -> None:
+        """Unit targets must be ids of the speech generator's vocabulary (its blank is the next id)."""
+        vocab = self.model.speech_generator.unit_vocab_size
+        for stream in self.dataset.streams:
+            for span in stream.unit_spans:
+                bad = [u for u in span.units if not 0 <= u < vocab]
+                if bad:
+                    raise ValueError(f"conversation {stream.id}: unit targets {bad[:5]} are outside the speech "
+                                     f"generator's units 0..{vocab - 1}")
 
     def _setup_model(self):
         cfg = self.cfg
@@ -222,7 +241,9 @@ class TTTFinetuneRecipeDistributed:
 
     def _convert(self, model) -> None:
         """Converts ``ttt.layers``; layers a checkpoint converted already must match the config."""
-        ttt = self.cfg.ttt
+        ttt, n = self.cfg.ttt, len(model.decoder.layers)
+        if len(set(ttt.layers)) != len(ttt.layers) or max(ttt.layers) >= n:
+            raise ConfigError(f"ttt.layers={list(ttt.layers)} must be distinct decoder layers of 0..{n - 1}")
         wanted = dict(ttt_type=ttt.ttt_type, mode=ttt.mode, mini_batch_size=ttt.mini_batch_size)
         if ttt.base_lr is not None:
             wanted["base_lr"] = ttt.base_lr
@@ -256,14 +277,16 @@ class TTTFinetuneRecipeDistributed:
     def _on_device(self, tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return None if tensor is None else tensor.to(self.device)
 
-    def _forward_backward(self, batch, capture: bool, scale: tuple):
+    def _forward_backward(self, batch, capture: bool, scale: Tuple[float, float]):
         """One window per slot: forward with the carried state, backward of the weighted loss.
 
         ``scale``: ``(per target token, per unit)`` factors that make the sum over all windows
         and ranks of this step the mean cross-entropy plus ``ctc_weight`` x the mean CTC loss.
         """
-        reset = (batch.reset | self.pending_reset).to(self.device)
-        self.pending_reset = torch.zeros_like(self.pending_reset)
+        ids = batch.conversation_ids
+        blamed = [cid is not None and self.pending_reset.get(slot) == cid for slot, cid in enumerate(ids)]
+        reset = (batch.reset | torch.tensor(blamed)).to(self.device)
+        self.pending_reset = {}
         on = self._on_device
         with self.monitor.capture() if capture else contextlib.nullcontext():
             out = self.model(on(batch.tokens), on(batch.speech), state=self.carried, mask=on(batch.mask),
@@ -272,9 +295,11 @@ class TTTFinetuneRecipeDistributed:
                              units=on(batch.units) if self.cfg.ctc_weight > 0 else None,
                              unit_turns=on(batch.unit_turns), ctc_reduction="sum")
         tic = time.perf_counter()
-        ids = batch.conversation_ids
         step_number = self.step + 1  # the optimizer step being computed, as in the metrics
         found = check_states(out.state, step_number, ids) or check_loss(out.token_loss, step_number, ids)
+        if found is None and out.ctc_loss is not None and not torch.isfinite(out.ctc_loss):
+            rows = sorted(set(batch.unit_turns[:, 0].tolist()))
+            found = NonFinite("loss", "ctc_loss", step_number, rows, [ids[r] for r in rows])
         self.carried = out.state.detach()
         self.timers["state_check"] += time.perf_counter() - tic
         loss_sum = out.token_loss.sum()
@@ -295,7 +320,9 @@ class TTTFinetuneRecipeDistributed:
         batches = [collate(step, self.dataset, self.cfg.window, pad_multiple=self.cfg.ttt.mini_batch_size)
                    for step in steps]
         targets = sum(int((b.targets != -100).sum()) for b in batches)
-        units = sum(0 if b.units is None else int((b.units != -100).sum()) for b in batches) if self.cfg.ctc_weight else 0
+        units = 0
+        if self.cfg.ctc_weight > 0:
+            units = sum(0 if b.units is None else int((b.units != -100).sum()) for b in batches)
         # Normalisers over all ranks, known before any backward: FSDP averages gradients over
         # ranks, so each rank's share is multiplied by the world size.
         totals = all_reduce(torch.tensor([float(targets), float(units)], device=self.device)).tolist()
@@ -307,7 +334,8 @@ class TTTFinetuneRecipeDistributed:
             loss_sum, ctc_sum, ids = loss_sum + loss, ctc_sum + ctc, ids + batch.conversation_ids
             problems += [found] if found is not None else []
         read = sum(int(b.mask.sum()) for b in batches)
-        return Accumulated(loss_sum, ctc_sum, targets, units, read, problems, ids)
+        return Accumulated(loss_sum, ctc_sum, targets, units, read, problems, ids, batches[-1].conversation_ids,
+                           totals[0] + totals[1])
 
     def train(self) -> None:
         cfg = self.cfg
@@ -342,7 +370,7 @@ class TTTFinetuneRecipeDistributed:
             if saving:
                 self.save_checkpoint()
         progress.close()
-        if self.checkpointer.latest() != self.output_dir / f"step_{self.step}":
+        if self.last_saved != self.step:
             self._check_parameters([])
             self.save_checkpoint()
         self.save_final_model()
@@ -353,22 +381,22 @@ class TTTFinetuneRecipeDistributed:
         The schedule follows the step count: it advances on skipped steps too.
         Returns ``(stepped, grad_norm)``.
         """
-        learned = all_reduce(torch.tensor(float(done.target_tokens + done.units), device=self.device)).item()
         max_norm = self.cfg.clip_grad_norm if self.cfg.clip_grad_norm is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        bad_grads = not torch.isfinite(grad_norm).item()  # the same on every rank: the norm is global
+        # A rank that blamed conversations poisons every rank's gradients through the reduction:
+        # the others must not blame their own rows for it.
+        blamed = all_reduce(torch.tensor([float(bool(done.problems))], device=self.device)).item() > 0
         problems = list(done.problems)
-        bad_grads = not torch.isfinite(grad_norm).item()
-        if bad_grads and not problems:
+        if bad_grads and not blamed:
             found = check_parameters(self.model, self.step + 1, done.conversation_ids, grads=True)
             if found is not None:
                 problems.append(found)
-        # [ranks that blame conversations, ranks with non-finite gradients]: all ranks decide alike
-        flags = all_reduce(torch.tensor([float(bool(done.problems)), float(bad_grads)], device=self.device)).tolist()
         stepped = False
-        if any(flags):
-            self._on_nonfinite(problems, blamed_somewhere=flags[0] > 0)
-        elif learned > 0:  # a step without targets has nothing to learn from
+        if blamed or bad_grads:
+            self._on_nonfinite(problems, done.last_ids)
+        elif done.learned > 0:  # a step without targets has nothing to learn from
             self.guard.check(self.step + 1)
             self.optimizer.step()
             stepped = True
@@ -384,20 +412,23 @@ class TTTFinetuneRecipeDistributed:
                 raise NonFiniteError(found)
             raise RuntimeError(f"another rank found non-finite parameters after step {self.step}; see its error")
 
-    def _on_nonfinite(self, problems: list, blamed_somewhere: bool) -> None:
-        """``raise``: stop naming the first finding. ``skip``: count the step and reset the slots
-        whose conversations were blamed (all slots when only gradients went non-finite)."""
+    def _on_nonfinite(self, problems: List[NonFinite], last_ids: list) -> None:
+        """``raise``: stop naming the first finding. ``skip``: count the step and start afresh the
+        conversations blamed here (every slot's, when only gradients went non-finite), if they
+        are still in their slot at the next step."""
         if self.cfg.monitor.on_nonfinite == "raise":
             if problems:
                 raise NonFiniteError(problems[0])
             raise RuntimeError(f"another rank found non-finite values at step {self.step + 1}; see its error")
         self.skipped_steps += 1
-        slots = {row % self.cfg.batch_slots for found in problems for row in found.rows}
-        if not problems and not blamed_somewhere:
-            slots = set(range(self.cfg.batch_slots))
-        self.pending_reset[sorted(slots)] = True
+        slots = self.cfg.batch_slots
+        blamed = {(r % slots, cid) for found in problems if found.what != "gradient"
+                  for r, cid in zip(found.rows, found.conversation_ids)}
+        if any(found.what == "gradient" for found in problems):
+            blamed |= set(enumerate(last_ids))
+        self.pending_reset = {slot: cid for slot, cid in blamed if cid is not None}
         self.log(f"skipped step {self.step + 1} ({'; '.join(map(str, problems)) or 'found on another rank'}); "
-                 f"reset slots {sorted(slots)}")
+                 f"starting afresh: {self.pending_reset}")
 
     # ----------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:
@@ -405,6 +436,7 @@ class TTTFinetuneRecipeDistributed:
         own = dict(sampler=self.sampler.state_dict(), states=state_to_dict(self.carried),
                    pending_reset=self.pending_reset)
         path = self.checkpointer.save(self.step, self.model, self.optimizer, trainer, own)
+        self.last_saved = self.step
         self.log(f"saved {path}")
 
     def _load_checkpoint(self, path: Path) -> None:
@@ -414,6 +446,7 @@ class TTTFinetuneRecipeDistributed:
         self.sampler.load_state_dict(own["sampler"])
         self.carried = state_from_dict(own["states"], self.device)
         self.pending_reset = own["pending_reset"]
+        self.last_saved = self.step
         self.log(f"resumed from {path} at step {self.step}")
 
     def save_final_model(self) -> None:
@@ -425,7 +458,8 @@ class TTTFinetuneRecipeDistributed:
             self.log(f"saved the model in the Llama-Omni layout to {self.output_dir / 'model'}")
 
     def cleanup(self) -> None:
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
         if is_distributed():
             torch.distributed.destroy_process_group()
 
@@ -433,8 +467,8 @@ class TTTFinetuneRecipeDistributed:
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     recipe = TTTFinetuneRecipeDistributed(cfg)
-    recipe.setup()
     try:
+        recipe.setup()
         recipe.train()
     finally:
         recipe.cleanup()

@@ -41,8 +41,8 @@ def _quick(tmp_path, *overrides: str):
 
 def _run(cfg) -> TTTFinetuneRecipeDistributed:
     recipe = TTTFinetuneRecipeDistributed(cfg)
-    recipe.setup()
     try:
+        recipe.setup()
         recipe.train()
     finally:
         recipe.cleanup()
@@ -191,7 +191,16 @@ def test_a_nan_in_one_conversations_speech_triggers_the_policy(tmp_path, monkeyp
         with pytest.raises(NonFiniteError, match=rf"non-finite state in layer0\.attn\.memory\.\w+ at step 1.*{poisoned}"):
             _run(cfg)
         return
+    resets = []
+    on_nonfinite = TTTFinetuneRecipeDistributed._on_nonfinite
+
+    def recorded(self, problems, last_ids):
+        on_nonfinite(self, problems, last_ids)
+        resets.append(dict(self.pending_reset))
+
+    monkeypatch.setattr(TTTFinetuneRecipeDistributed, "_on_nonfinite", recorded)
     recipe = _run(cfg)
+    assert resets and all(set(r.values()) <= {poisoned} for r in resets)  # only the poisoned conversation restarts
     metrics = _metrics(tmp_path)
     skipped = [m for m in metrics if not m["optimizer_stepped"]]
     assert recipe.skipped_steps == len(skipped) >= 1 and metrics[-1]["skipped_steps"] == recipe.skipped_steps
@@ -292,7 +301,7 @@ def _with_units(tmp_path, every: int = 1) -> Path:
 
 def test_the_speech_generator_trains_on_unit_targets(tmp_path):
     """Assistant turns with unit targets: with ctc_weight > 0 the CTC loss is reported and the
-    generator (in `train`) learns; a window that cuts a turn just has no target for it."""
+    generator (in `train`) learns."""
     data = _with_units(tmp_path)
     recipe = TTTFinetuneRecipeDistributed(_quick(tmp_path / "run", f"dataset.sources=[{data}]", "max_steps=8",
                                                  "ctc_weight=1.0", "train=[ttt,gates,speech_generator]"))
@@ -304,3 +313,32 @@ def test_the_speech_generator_trains_on_unit_targets(tmp_path):
     assert sum(m["units"] for m in metrics) > 0 and all(math.isfinite(m["ctc_loss"]) for m in metrics)
     assert any(m["ctc_loss"] > 0 for m in metrics)
     assert any(not torch.equal(a, b) for a, b in zip(before, recipe.model.speech_generator.parameters()))
+
+
+@pytest.mark.parametrize("logger", ["WandBLogger", "TensorBoardLogger"])
+def test_metrics_reach_wandb_offline_and_tensorboard(tmp_path, monkeypatch, logger):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    extra = ["metric_logger.mode=offline", "metric_logger.project=ttt-omni-test"] if logger == "WandBLogger" else []
+    _run(_quick(tmp_path, "max_steps=2", f"metric_logger._component_=torchtune.training.metric_logging.{logger}", *extra))
+    assert [m["step"] for m in _metrics(tmp_path)] == [1, 2]
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    if logger == "WandBLogger":
+        assert any(p.suffix == ".wandb" for p in written), written
+    else:
+        assert any(p.name.startswith("events.out.tfevents") for p in written), written
+
+
+def test_non_finite_parameters_stop_the_run_under_either_policy(tmp_path):
+    recipe = TTTFinetuneRecipeDistributed(_quick(tmp_path, "max_steps=3", "monitor.on_nonfinite=skip"))
+    recipe.setup()
+    step = recipe.optimizer.step
+
+    def step_then_overflow(*args, **kwargs):
+        step(*args, **kwargs)
+        recipe.model.decoder.layers[1].mlp.w1.weight.data[0, 0] = float("inf")
+
+    recipe.optimizer.step = step_then_overflow
+    with pytest.raises(NonFiniteError, match=r"decoder\.layers\.1\.mlp\.w1\.weight at step 1"):
+        recipe.train()
+    recipe.cleanup()

@@ -1,5 +1,7 @@
 """Activation checkpointing applied from outside the model, and the trainable-part choice."""
 
+import socket
+
 import pytest
 import torch
 
@@ -56,7 +58,9 @@ def test_fsdp_keeps_carried_ttt_states_float32_in_a_bf16_model(monkeypatch):
     from components.training import FP32Guard, cast_for_training
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", "29517")
+    with socket.socket() as free:  # a port no other test run holds
+        free.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MASTER_PORT", str(free.getsockname()[1]))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         model = parallelize(cast_for_training(_model(), torch.bfloat16), fsdp=True, activation_checkpointing="full")
