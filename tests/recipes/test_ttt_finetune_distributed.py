@@ -17,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors import safe_open
 
-from components.data.dataset import ConversationDataset
+from components.data.dataset import ConversationDataset, collate
 from components.monitor import NonFiniteError
 from components.training.config_schema import ConfigError
 from recipes.ttt_finetune_distributed import TTTFinetuneRecipeDistributed, check_options
@@ -342,3 +342,35 @@ def test_non_finite_parameters_stop_the_run_under_either_policy(tmp_path):
     with pytest.raises(NonFiniteError, match=r"decoder\.layers\.1\.mlp\.w1\.weight at step 1"):
         recipe.train()
     recipe.cleanup()
+
+
+def test_accumulated_gradients_are_the_mean_over_all_target_tokens(tmp_path):
+    """Two windows per optimizer step: the gradients the optimizer sees equal those of the summed
+    cross-entropy of both windows (state carried, detached) divided by their target tokens."""
+    overrides = ("max_steps=1", "gradient_accumulation_steps=2", "batch_slots=1", "shuffle=false", "clip_grad_norm=null")
+    recipe = TTTFinetuneRecipeDistributed(_quick(tmp_path / "recipe", *overrides))
+    recipe.setup()
+    seen = {}
+
+    def capture(*args, **kwargs):  # the first call; saving a checkpoint later steps with zero gradients
+        if not seen:
+            seen.update({n: p.grad.clone() for n, p in recipe.model.named_parameters() if p.grad is not None})
+
+    recipe.optimizer.step = capture
+    recipe.train()
+    recipe.cleanup()
+
+    reference = TTTFinetuneRecipeDistributed(_quick(tmp_path / "reference", *overrides))
+    reference.setup()
+    model, state, total, targets = reference.model, None, 0.0, 0
+    for _ in range(2):
+        batch = collate(reference._next_step(), reference.dataset, 256, pad_multiple=64)
+        out = model(batch.tokens, batch.speech, state=state, mask=batch.mask, speech_lengths=batch.speech_lengths,
+                    speech_starts=batch.speech_starts, reset=batch.reset, targets=batch.targets)
+        total, targets, state = total + out.token_loss.sum(), targets + int((batch.targets != -100).sum()), out.state.detach()
+    (total / targets).backward()
+    reference.cleanup()
+    expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert seen.keys() == expected.keys() and len(seen) > 50
+    for name, grad in expected.items():
+        torch.testing.assert_close(seen[name], grad, rtol=1e-4, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
