@@ -102,7 +102,7 @@ class StreamWindow:
     labels: List[int]
     targets: List[int]
     speech: List[Tuple[SpeechSpan, int, int]]
-    units: List[UnitSpan] = ()
+    units: Tuple[UnitSpan, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ class ConversationStream:
     tokens: List[int]
     labels: List[int]
     speech: List[SpeechSpan]
-    unit_spans: List[UnitSpan] = ()
+    unit_spans: Tuple[UnitSpan, ...] = ()
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -129,9 +129,9 @@ class ConversationStream:
         targets = self.labels[start + 1 : end + 1]
         if end == len(self.tokens):
             targets.append(IGNORE_INDEX)  # the stream's last token predicts nothing
-        units = [
+        units = tuple(
             UnitSpan(u.start - start, u.end - start, u.units) for u in self.unit_spans if start <= u.start and u.end <= end
-        ]
+        )
         return StreamWindow(self.id, index, start, self.tokens[start:end], self.labels[start:end], targets, pieces, units)
 
 
@@ -171,4 +171,4 @@ def tokenize_conversation(
             unit_spans.append(UnitSpan(len(tokens), len(tokens) + len(body), tuple(turn.units)))
         tokens += body
         labels += body if turn.role == "assistant" else [IGNORE_INDEX] * len(body)
-    return ConversationStream(conversation.id, tokens, labels, speech, unit_spans)
+    return ConversationStream(conversation.id, tokens, labels, speech, tuple(unit_spans))

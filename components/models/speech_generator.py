@@ -114,6 +114,10 @@ class CTCSpeechGenerator(nn.Module):
             hidden_states: ``[B, T, llm_dim]`` the language model's last hidden states.
             labels: ``[B, T]`` token labels; positions with ``-100`` are not part of the response.
             units: ``[B, U]`` target units, right-padded with ``-100``.
+            reduction: ``"mean"`` per target unit, or ``"sum"`` (for normalising across batches).
+
+        Returns:
+            The CTC loss, a float32 scalar.
         """
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction={reduction!r}; expected 'mean' or 'sum'")

@@ -102,6 +102,6 @@ def test_unit_targets_follow_their_turn_into_the_window_that_holds_it_whole(tmp_
     assert [(u.start, u.end) for u in whole.units] == [(first.start, first.end), (second.start, second.end)]
     cut = (first.start + first.end) // 2  # a window boundary inside the first answer
     before, after = (stream.window(i, cut) for i in (0, 1))
-    assert before.units == [] and [u.units for u in after.units] == ([(8, 9)] if second.end <= 2 * cut else [])
+    assert before.units == () and [u.units for u in after.units] == ([(8, 9)] if second.end <= 2 * cut else [])
     if after.units:
         assert after.units[0].start == second.start - cut
