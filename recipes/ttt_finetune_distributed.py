@@ -280,8 +280,14 @@ class TTTFinetuneRecipeDistributed:
     def _forward_backward(self, batch, capture: bool, scale: Tuple[float, float]):
         """One window per slot: forward with the carried state, backward of the weighted loss.
 
-        ``scale``: ``(per target token, per unit)`` factors that make the sum over all windows
-        and ranks of this step the mean cross-entropy plus ``ctc_weight`` x the mean CTC loss.
+        Args:
+            batch: the collated window of every slot.
+            capture: collect the TTT statistics of this forward (a logging step).
+            scale: ``(per target token, per unit)`` factors that make the sum over all windows
+                and ranks of this step the mean cross-entropy plus ``ctc_weight`` x the mean CTC loss.
+
+        Returns:
+            ``(summed cross-entropy, summed CTC loss, a NonFinite finding or None)``.
         """
         ids = batch.conversation_ids
         blamed = [cid is not None and self.pending_reset.get(slot) == cid for slot, cid in enumerate(ids)]
