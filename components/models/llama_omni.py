@@ -53,6 +53,18 @@ def _chunk_cross_entropy(output: nn.Module, hidden: Tensor, targets: Tensor) -> 
     return losses.view(targets.shape).sum(dim=1)
 
 
+def _in_graph(x: Tensor, unused: nn.Module) -> Tensor:
+    """``x`` plus zero times the trainable parameters of a module this call does not run.
+
+    Data-parallel ranks with and without speech (or unit targets) in their batch then reduce
+    the same gradients: FSDP2 reduces only the parameters that have one.
+    """
+    trainable = [p for p in unused.parameters() if p.requires_grad]
+    if not trainable or not torch.is_grad_enabled():
+        return x
+    return x + sum(p.sum() for p in trainable).to(x.dtype) * 0.0
+
+
 class LlamaOmni(nn.Module):
     """The whole model. Build it with :func:`components.models.llama_omni` and friends.
 
@@ -99,13 +111,7 @@ class LlamaOmni(nn.Module):
         if speech is None:
             if wanted:
                 raise ValueError(f"tokens hold {wanted} speech positions ({SPEECH_TOKEN_ID}) but no speech was given")
-            # The trainable speech parameters join the graph (with zero gradient) even without
-            # speech, so that data-parallel ranks, some with speech and some without, reduce
-            # the same gradients (FSDP2 reduces only the parameters that have one).
-            trainable = [p for p in self.speech.parameters() if p.requires_grad]
-            if trainable and torch.is_grad_enabled():
-                h = h + sum(p.sum() for p in trainable).to(h.dtype) * 0.0
-            return h
+            return _in_graph(h, self.speech)
         projected = self.encode_speech(speech)  # [U, P, D]
         U, P = projected.shape[:2]
         starts = [0] * U if speech_starts is None else [int(n) for n in speech_starts]
@@ -172,12 +178,8 @@ class LlamaOmni(nn.Module):
             if labels is None:
                 raise ValueError("the CTC loss needs labels (which positions are the response) with units")
             ctc_loss = self.speech_generator(hidden, labels, units, ctc_reduction)
-        elif torch.is_grad_enabled():
-            # As for speech in embed: a trainable generator joins the graph without units too,
-            # so that data-parallel ranks with and without unit targets reduce the same gradients.
-            trainable = [p for p in self.speech_generator.parameters() if p.requires_grad]
-            if trainable:
-                hidden = hidden + sum(p.sum() for p in trainable).to(hidden.dtype) * 0.0
+        else:
+            hidden = _in_graph(hidden, self.speech_generator)
         if targets is None:
             return LlamaOmniOutput(self.decoder.output(hidden), OmniState(layer_states), hidden, ctc_loss)
         token_loss = sum(

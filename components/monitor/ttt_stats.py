@@ -11,10 +11,10 @@ import functools
 from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from components.ttt.ops.common import LN_EPS, rope_angles, rope_rotate
+from components.ttt.ops.common import rope_angles, rope_rotate
+from components.ttt.ops.naive import inner_model
 from components.ttt.state import TTTState
 
 WEIGHT_NAMES = ("W1", "b1", "W2", "b2")
@@ -96,17 +96,6 @@ def inner_inputs(layer: nn.Module, x: Tensor, offset: Tensor, mask: Optional[Ten
     return InnerInputs(xk.transpose(1, 2), target.transpose(1, 2), lr, token_eta, real)
 
 
-def _predict(xk: Tensor, weights: Sequence[Tensor], ln_weight: Tensor, ln_bias: Tensor) -> Tensor:
-    """``LN(Z(xk))`` of the inner model without its residual, ``[B, H, n, f]``."""
-    if len(weights) == 2:
-        W1, b1 = weights
-        z = xk @ W1 + b1  # [B,H,n,f] @ [B,H,f,f] -> [B,H,n,f]
-    else:
-        W1, b1, W2, b2 = weights
-        z = F.gelu(xk @ W1 + b1, approximate="tanh") @ W2 + b2  # [B,H,n,4f] @ [B,H,4f,f] -> [B,H,n,f]
-    return F.layer_norm(z, (z.shape[-1],), eps=LN_EPS) * ln_weight[:, None, :] + ln_bias[:, None, :]
-
-
 def token_recon_losses(layer: nn.Module, inputs: InnerInputs, weights: Sequence[Tensor], chunk_size: int = 2048) -> Tensor:
     """Per-token, per-head inner reconstruction error ``mean_f (LN(Z(XK)) - (XV - XK))^2``.
 
@@ -125,7 +114,7 @@ def token_recon_losses(layer: nn.Module, inputs: InnerInputs, weights: Sequence[
     """
     errors = []
     for xk, target in zip(inputs.xk.split(chunk_size, dim=2), inputs.target.split(chunk_size, dim=2)):
-        pred = _predict(xk, weights, layer.ttt_norm_weight, layer.ttt_norm_bias)
+        pred = inner_model(xk, tuple(weights), layer.ttt_norm_weight, layer.ttt_norm_bias)  # LN(Z(xk))
         errors.append((pred - target).pow(2).mean(-1))  # [B,H,n,f] -> [B,H,n]
     return torch.cat(errors, dim=2)
 

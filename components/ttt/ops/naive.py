@@ -17,14 +17,14 @@ from components.ttt.ops.common import LN_EPS, check_op_args, rope_angles, rope_r
 from components.ttt.state import TTTState
 
 
-def _inner_model(x: Tensor, weights: tuple, ln_weight: Tensor, ln_bias: Tensor) -> Tensor:
-    """LN(f(x)) for x ``[B, H, 1, f]`` and per-stream, per-head weights (no residual)."""
+def inner_model(x: Tensor, weights: tuple, ln_weight: Tensor, ln_bias: Tensor) -> Tensor:
+    """LN(f(x)) for x ``[B, H, n, f]`` and per-stream, per-head weights (no residual)."""
     if len(weights) == 2:
         W1, b1 = weights
-        z = x @ W1 + b1  # [B,H,1,f] @ [B,H,f,f] -> [B,H,1,f]
+        z = x @ W1 + b1  # [B,H,n,f] @ [B,H,f,f] -> [B,H,n,f]
     else:
         W1, b1, W2, b2 = weights
-        z = F.gelu(x @ W1 + b1, approximate="tanh") @ W2 + b2  # [B,H,1,4f] @ [B,H,4f,f]
+        z = F.gelu(x @ W1 + b1, approximate="tanh") @ W2 + b2  # [B,H,n,4f] @ [B,H,4f,f] -> [B,H,n,f]
     f = z.shape[-1]
     return F.layer_norm(z, (f,), eps=LN_EPS) * ln_weight[:, None, :] + ln_bias[:, None, :]
 
@@ -61,14 +61,14 @@ def ttt_naive(
         k_t, v_t, q_t = (x[:, t].unsqueeze(2) for x in (xk, xv, xq))  # [B,H,1,f]
         with torch.enable_grad():
             wrt = [w if w.requires_grad else w.detach().requires_grad_() for w in weights]
-            loss = 0.5 * (_inner_model(k_t, wrt, ln_weight, ln_bias) - (v_t - k_t)).pow(2).sum()
+            loss = 0.5 * (inner_model(k_t, wrt, ln_weight, ln_bias) - (v_t - k_t)).pow(2).sum()
             token_grads = torch.autograd.grad(loss, wrt, create_graph=build_graph)
         lr_t = lr[:, t][:, :, None, None]  # [B,H,1,1]
         row = real[:, None, None, None]
         grads = [torch.where(row, G + lr_t * g, G) for G, g in zip(grads, token_grads)]
         eta_t = token_eta[offset][:, None, None, None]  # [B,1,1,1]
         moved = [w - eta_t * G for w, G in zip(weights, grads)]
-        out_t = q_t + _inner_model(q_t, moved, ln_weight, ln_bias)
+        out_t = q_t + inner_model(q_t, moved, ln_weight, ln_bias)
         outs.append(torch.where(row, out_t, torch.zeros_like(out_t)).squeeze(2))
         complete = (real & (offset == K - 1))[:, None, None, None]
         weights = [torch.where(complete, w_new, w) for w_new, w in zip(moved, weights)]
