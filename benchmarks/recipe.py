@@ -17,7 +17,6 @@
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+
+from benchmarks.ttt_layer import rss_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample" / "conversations.json"
@@ -103,11 +104,6 @@ def step_worker(repeats: int) -> dict:
                 monitor_share_at_interval=monitor_share / interval, state_share=state_s / step_s)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def memory_worker(window: int, conversations: str) -> dict:
     from recipes.ttt_finetune_distributed import TTTFinetuneRecipeDistributed
 
@@ -119,11 +115,11 @@ def memory_worker(window: int, conversations: str) -> dict:
         recipe = TTTFinetuneRecipeDistributed(cfg)
         recipe.setup()
         recipe.save_checkpoint = recipe.save_final_model = lambda: None  # measure training only
-        before, peak, done = _rss_bytes(), [0], threading.Event()
+        before, peak, done = rss_bytes(), [0], threading.Event()
 
         def sample():
             while not done.is_set():
-                peak[0] = max(peak[0], _rss_bytes())
+                peak[0] = max(peak[0], rss_bytes())
                 time.sleep(0.002)
 
         sampler = threading.Thread(target=sample, daemon=True)

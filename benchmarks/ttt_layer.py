@@ -55,7 +55,8 @@ def _flops_per_token(kind: str, T: int) -> float:
     return projections + inner
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
+    """This process's resident set size now (Linux)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -102,7 +103,7 @@ def worker(kind: str, T: int, group: int, repeats: int, reference_path: str) -> 
     layer, run = _build(kind, T, group, reference_path)
     x = torch.randn(1, T, D, requires_grad=True)
     # Memory first, on a fresh process: the high-water mark of one forward+backward.
-    baseline = _rss_bytes()
+    baseline = rss_bytes()
     start = time.perf_counter()
     run(layer, x).sum().backward()
     first_step = time.perf_counter() - start
